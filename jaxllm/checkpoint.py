@@ -1,0 +1,116 @@
+"""orbax checkpoints: train state + data-iterator state + config, and the params hand-off.
+
+`RUN_DIR/<stage>/checkpoints/<step>/` holds three items: `state` (the sharded train state,
+restored directly onto the current mesh), `data` (the grain iterator position of every process)
+and `config` (the resolved config as JSON). orbax writes each step to a temporary directory and
+renames it when complete, so a crash or `kill -9` mid-save leaves the previous step intact.
+
+`RUN_DIR/<stage>/params/` holds the final parameters: the input of the next stage, which restores
+them resharded onto its own mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from jaxllm import config as config_lib
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `checkpoint` section."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 500  # save every N steps (0 disables step-based saves)
+    c.every_minutes = 30.0  # ... and at least this often in wall time (0 disables)
+    c.keep = 3  # keep the N most recent checkpoints
+    c.async_save = True  # write in a background thread while training continues
+    return c
+
+
+def manager(directory: str | pathlib.Path, c: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """A CheckpointManager saving on step and time intervals, keeping the newest `c.keep`."""
+    policies: list[Any] = [checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if c.every_steps > 0:
+        policies.append(checkpoint_managers.FixedIntervalPolicy(c.every_steps))
+    if c.every_minutes > 0:
+        policies.append(checkpoint_managers.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=int(c.every_minutes * 60)))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep,
+        enable_async_checkpointing=c.async_save,
+        save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(), options=options, item_names=("state", "data", "config"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+    """Saves `step` if the policies say so (or `force`); returns whether a save started."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config_lib.to_dict(config)),
+    )
+    return mngr.save(step, args=args, force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """Restores the train state of `step` onto the shardings of `abstract_state` and moves
+    `data_iterator` to where it was. Returns the state."""
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ))
+    return restored["state"]
+
+
+def export_params(directory: str | pathlib.Path, params: Any) -> None:
+    """Writes `params` to `directory` (the stage's `params/`), replacing what was there."""
+    directory = pathlib.Path(directory).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, params, force=True)
+        ckptr.wait_until_finished()
+    logging.info("exported params to %s", directory)
+
+
+def load_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
+    """Restores params from `directory` onto the shardings of `abstract_params`.
+
+    Raises:
+      FileNotFoundError: if `directory` has no params (naming it).
+      ValueError: if a parameter's shape differs from the model's (naming it).
+    """
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no params at {directory}: did the previous stage finish?")
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(directory)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        _check_shapes(stored_tree, abstract_params, directory)
+        return ckptr.restore(directory, abstract_params)
+
+
+def _check_shapes(stored: Any, abstract: Any, directory: pathlib.Path) -> None:
+    flat_stored = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    flat_target = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    missing = sorted(set(flat_target) - set(flat_stored))
+    extra = sorted(set(flat_stored) - set(flat_target))
+    if missing or extra:
+        raise ValueError(f"params at {directory} do not match the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for key, target in flat_target.items():
+        shape = tuple(getattr(flat_stored[key], "shape", ()))
+        if shape != tuple(target.shape):
+            raise ValueError(f"params at {directory}: {key} has shape {shape}, the model expects "
+                             f"{tuple(target.shape)} (different model config or vocabulary?)")

@@ -1,0 +1,132 @@
+"""Command line: `jaxllm COMMAND --config=configs/FILE.py[:ARG] --config.key=value ...`.
+
+Commands:
+  tokenizer   train (or load) the run's SentencePiece tokenizer
+  pretrain    causal-LM pretraining (trains the tokenizer first if the run has none)
+  sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
+
+Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
+line naming the key, file or line, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+COMMANDS = ("tokenizer", "pretrain", "sample")
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jaxllm import config as config_lib
+    from jaxllm import sharding
+    from jaxllm.data import sources
+    from jaxllm.train import pretrain
+
+    return (config_lib.ConfigError, sharding.MeshError, sources.DataError, pretrain.VocabMismatchError,
+            FileNotFoundError)
+
+
+def _load(argv: Sequence[str], command: str):
+    from jaxllm import config as config_lib
+
+    spec, overrides, rest = config_lib.parse_overrides(argv)
+    if rest:
+        raise config_lib.ConfigError(f"jaxllm {command}: unexpected arguments {rest}")
+    if spec is None:
+        raise config_lib.ConfigError(f"jaxllm {command} needs --config configs/FILE.py[:ARG]")
+    config = config_lib.build(spec, overrides)
+    return config
+
+
+def cmd_tokenizer(argv: Sequence[str]) -> int:
+    """Trains or loads the tokenizer of the run and prints its vocabulary layout."""
+    from jaxllm.data import tokenizer as tokenizer_lib
+
+    config = _load(argv, "tokenizer")
+    tok = tokenizer_lib.load_or_train(config, config.run_dir)
+    print(f"tokenizer {tok.path}: {tok.vocab_size} ids, pad={tok.pad_id} bos={tok.bos_id} "
+          f"eos={tok.eos_id}, {tok.num_sentinels} sentinels")
+    return 0
+
+
+def cmd_pretrain(argv: Sequence[str]) -> int:
+    """Runs the pretraining stage to `train.steps`, resuming from its checkpoints."""
+    from jaxllm import config as config_lib
+    from jaxllm import sharding
+    from jaxllm.train import pretrain
+
+    config = _load(argv, "pretrain")
+    sharding.initialize_runtime(config)
+    result = pretrain.run(config)
+    config_lib.save_json(config, os.path.join(config.run_dir, "config.json"))
+    if result.preempted:
+        return EXIT_PREEMPTED
+    print(f"pretrain finished at step {result.step}: " +
+          ", ".join(f"{k}={v:.4f}" for k, v in result.eval_metrics.items()))
+    return 0
+
+
+def cmd_sample(argv: Sequence[str]) -> int:
+    """Samples from the exported params of a stage of a run."""
+    import jax
+    import flax.linen as nn
+
+    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm import config as config_lib
+    from jaxllm import sampling
+    from jaxllm.data import tokenizer as tokenizer_lib
+    from jaxllm.models import llama
+
+    parser = argparse.ArgumentParser(prog="jaxllm sample")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--stage", default="pretrain")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: bos only")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    config = config_lib.load_json(os.path.join(args.run, args.stage, "config.json"))
+    tok = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(args.run) / "tokenizer.model")
+    model_config = llama.LlamaConfig.from_config(config.model)
+    abstract = nn.unbox(jax.eval_shape(lambda: llama.init(model_config, jax.random.key(0))))
+    params = ckpt_lib.load_params(os.path.join(args.run, args.stage, "params"), abstract)
+    prompts = args.prompt or [""]
+    outs = sampling.generate(model_config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             eos_id=tok.eos_id, seed=args.seed)
+    for prompt, out in zip(prompts, outs):
+        print(f"--- prompt: {prompt!r}\n{prompt}{tok.decode(out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `jaxllm` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    command, rest = argv[0], argv[1:]
+    handler = {"tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "sample": cmd_sample}[command]
+    try:
+        return handler(rest)
+    except _user_errors() as e:
+        print(f"jaxllm {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model families: `llama` (decoder-only LLaMA family); shared layers in `layers`."""

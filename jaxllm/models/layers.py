@@ -1,0 +1,135 @@
+"""Layers shared by the model families: RMSNorm, rotary embeddings, attention masks and kernels.
+
+Every parameter is created with logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp,
+layers`); `jaxllm.sharding` maps them onto the device mesh. Activations carry the logical names
+`batch, length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab` in sharding constraints.
+
+Dense projections work on tokens flattened to `[batch * length, features]`: on CPU the weight
+gradient of a projection applied to `[batch, length, features]` was measured ~2.4x slower than the
+flattened form (../shared/docs/cpu-notes.md), and on TPU/GPU the two lower to the same matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Any
+
+
+def param_with_axes(
+    module: nn.Module,
+    name: str,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: Dtype,
+) -> jax.Array:
+    """Creates `module`'s parameter `name` of `shape`, annotated with logical `axes`.
+
+    Raises:
+      ValueError: if `len(axes) != len(shape)`.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"parameter {name}: {len(axes)} axis names for shape {tuple(shape)}")
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm without bias or mean subtraction.
+
+    `y = x / sqrt(mean(x^2) + eps) * scale`, computed in float32 (Zhang & Sennrich 2019, eq. 4;
+    LLaMA, T5). Input `[..., features]`, output the same shape in `dtype`.
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(
+            self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Cosine and sine tables of rotary position embeddings (Su et al. 2021, RoFormer eq. 34).
+
+    Uses the rotate-half layout of GPT-NeoX / Hugging Face LLaMA: frequency `i` pairs dimension `i`
+    with dimension `i + head_dim/2`, `inv_freq_i = theta^(-2i/head_dim)`.
+
+    Args:
+      positions: `[batch, length]` int positions.
+      head_dim: even size of each attention head.
+      theta: RoPE base (10000 for LLaMA-2, 500000 for LLaMA-3, 1000000 for Qwen2.5).
+
+    Returns:
+      `(cos, sin)`, each `[batch, length, head_dim]` float32.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates `x` `[batch, length, heads, head_dim]` by the tables from `rope_frequencies`.
+
+    `x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]`; computed in float32,
+    returned in `x.dtype`.
+    """
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array, *, causal: bool = True) -> jax.Array:
+    """Boolean mask `[batch, 1, length, length]`: query i may attend to key j.
+
+    Tokens attend only within their own segment (packed documents never see each other) and, if
+    `causal`, only to keys at or before them. Padding (segment 0) attends to padding, so no query row
+    is empty and softmax never divides by zero; padding outputs are masked out of every loss.
+
+    Args:
+      segment_ids: `[batch, length]` int; 0 marks padding.
+      causal: lower-triangular masking.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        length = segment_ids.shape[1]
+        same = same & jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]
+    return same[:, None, :, :]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads (Ainslie et al. 2023).
+
+    Args:
+      query: `[batch, q_length, heads, head_dim]`.
+      key, value: `[batch, kv_length, kv_heads, head_dim]`, `heads % kv_heads == 0`.
+      mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`; True = may attend.
+      implementation: passed to `jax.nn.dot_product_attention` (`None` lets JAX choose; "xla";
+        "cudnn" for the fused GPU kernel).
+
+    Returns:
+      `[batch, q_length, heads, head_dim]` in `query.dtype`; softmax runs in float32.
+    """
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, implementation=implementation
+    )

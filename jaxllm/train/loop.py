@@ -1,0 +1,385 @@
+"""The one generic training loop shared by every stage.
+
+A stage (`pretrain`, `sft`, `reward`, `ppo`, `dpo`) hands over a `Stage`: how to initialise
+parameters, its loss of (params, batch), and its data. Everything else lives here, top to bottom:
+
+mesh -> optimizer -> shapes via `jax.eval_shape` -> shardings -> `jit(init, out_shardings=...)`
+-> jitted `train_step` (gradient accumulation, donation) -> restore -> loop (eval, logging,
+checkpoints, preemption) -> export of the final params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import tqdm
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import sharding
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train import optim
+
+Batch = dict[str, jax.Array]
+# loss_fn(params, batch, rng) -> (loss_sum, sums); sums["count"] is what the loss is normalised by
+# (real target tokens, pairs, ...), summed over the global batch.
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `train` section."""
+    c = ml_collections.ConfigDict()
+    c.steps = 1000  # optimizer steps
+    c.batch_size = 32  # global batch in rows (sequences) per optimizer step
+    c.grad_accum_steps = 1  # microbatches per step; batch_size must be divisible by it
+    c.eval_every = 200  # evaluate every N steps and at the end (0: only at the end)
+    c.eval_batches = 0  # 0: the whole eval split
+    c.eval_batch_size = 0  # 0: train.batch_size
+    c.log_every = 10
+    c.sample_every = 0  # print sample generations every N steps (0: only at the end)
+    c.peak_flops_per_device = 0.0  # 0: measured (CPU) or published (TPU/GPU) peak for MFU
+    c.progress_bar = True
+    return c
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: `step` (int32 scalar), `params`, `opt_state`."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage module gives the loop.
+
+    Attributes:
+      name: stage name; its files go to `RUN_DIR/<name>/`.
+      init_params: `rng -> params` boxed with logical axes (`nn.LogicallyPartitioned`).
+      loss_fn: see `LossFn`.
+      train_data: the process-local training `grain.MapDataset` of `[local_batch, ...]` batches.
+      eval_data: the process-local eval dataset (finite) or None.
+      flops_per_step: model FLOPs of one optimizer step (for MFU), or 0.
+      tokens_per_step: tokens processed per optimizer step (for tokens/s).
+      load_params: optional `abstract_params -> params` restoring the previous stage's `params/`.
+      summarize: `sums -> metrics` for train and eval rows (default: loss = loss_sum / count).
+      sample_fn: optional `params -> list[str]` of generations printed during training.
+    """
+
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: LossFn
+    train_data: grain.MapDataset
+    eval_data: grain.MapDataset | None = None
+    flops_per_step: float = 0.0
+    tokens_per_step: int = 0
+    load_params: Callable[[Any], Any] | None = None
+    summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
+    sample_fn: Callable[[Any], list[str]] | None = None
+
+
+def microbatches(batch: Batch, k: int) -> Batch:
+    """Splits each `[batch, ...]` array into `[k, batch // k, ...]` microbatches.
+
+    Row `i` goes to microbatch `i % k`, so every device's contiguous block of rows holds rows of
+    every microbatch and the split moves no data between devices.
+    """
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int, seed: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+    Gradients of the summed loss are accumulated over `grad_accum_steps` microbatches and divided
+    once by the total `count` of the global batch, so k microbatches of b rows give the same update
+    as one batch of k*b rows.
+    """
+    def step_fn(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        if grad_accum_steps == 1:
+            (loss_sum, sums), grads = grad_fn(state.params, batch, rng)
+        else:
+            def body(carry, xs):
+                mb, i = xs
+                (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                acc_l, acc_s, acc_g = carry
+                return (acc_l + l, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
+
+            mbs = microbatches(batch, grad_accum_steps)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, first, rng)[0][1]))
+            init = (jnp.zeros((), jnp.float32), zero_sums, jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, sums, grads) = jax.lax.scan(body, init, (mbs, jnp.arange(grad_accum_steps)))[0]
+
+        denom = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss_sum": loss_sum, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step), **sums}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step_fn
+
+
+def _default_summary(sums: dict[str, float]) -> dict[str, float]:
+    return {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Result:
+    """What `run` returns: the final step, the final state and whether it was preempted."""
+
+    step: int
+    state: TrainState
+    preempted: bool
+    eval_metrics: dict[str, float]
+
+
+def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    host = jax.device_get(rows)
+    sums = {k: float(sum(r[k] for r in host)) for k in host[0]}
+    sums["grad_norm"] = sums["grad_norm"] / len(host)
+    sums["learning_rate"] = float(host[-1]["learning_rate"])
+    return sums
+
+
+def evaluate(eval_step, params, data: Iterable[dict], mesh, rules, max_batches: int = 0) -> dict[str, float]:
+    """Sums of `eval_step(params, batch)` over the eval split (or its first `max_batches`)."""
+    totals: dict[str, float] = {}
+    pending = []
+    for i, local in enumerate(data):
+        if max_batches and i >= max_batches:
+            break
+        pending.append(eval_step(params, sharding.global_batch(local, mesh, rules)))
+    for sums in jax.device_get(pending):
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return totals
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The jitted pieces of a stage on a mesh (see `compile_stage`)."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, Batch], dict]
+    init_state: Callable[[], TrainState]
+    state_from_params: Callable[[Any], TrainState]
+
+
+def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh) -> Compiled:
+    """Optimizer, sharded state shapes and the jitted init/train/eval functions of `stage`.
+
+    The state is created directly sharded (`jax.jit(init, out_shardings=...)`); the train step has
+    explicit in/out shardings and donates the state. Call the functions inside
+    `sharding.activate(mesh, config.mesh.rules)`.
+
+    Raises:
+      ValueError: if the batch does not split into `train.grad_accum_steps` microbatches whose
+        rows divide over the mesh's batch shards.
+      sharding.MeshError: if a parameter dimension does not divide over its mesh axes.
+    """
+    tc, rules = config.train, config.mesh.rules
+    if tc.batch_size % tc.grad_accum_steps:
+        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by "
+                         f"train.grad_accum_steps={tc.grad_accum_steps}")
+    shards = sharding.batch_axis_size(mesh, rules)
+    if (tc.batch_size // tc.grad_accum_steps) % shards:
+        raise ValueError(f"microbatch of {tc.batch_size // tc.grad_accum_steps} rows is not divisible by "
+                         f"the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+    tx, schedule = optim.build(config.optimizer, tc.steps)
+    rng = jax.random.key(config.seed)
+
+    def init_boxed(key):
+        params = stage.init_params(key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract_boxed = jax.eval_shape(init_boxed, rng)
+    sharding.check_divisible(abstract_boxed.params, mesh, rules)
+    state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract_boxed), state_shardings)
+
+    batch_shard = sharding.batch_sharding(mesh, rules)
+    train_step = jax.jit(
+        make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed),
+        in_shardings=(state_shardings, batch_shard),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    def eval_fn(params, batch):
+        loss_sum, sums = stage.loss_fn(params, batch, jax.random.key(0))
+        return {"loss_sum": loss_sum, **sums}
+
+    eval_step = jax.jit(eval_fn, in_shardings=(state_shardings.params, batch_shard),
+                        out_shardings=sharding.replicated(mesh))
+    init_jit = jax.jit(lambda k: nn.unbox(init_boxed(k)), out_shardings=state_shardings)
+    from_params_jit = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                              out_shardings=state_shardings)
+    return Compiled(tx, schedule, abstract_state, state_shardings, train_step, eval_step,
+                    lambda: init_jit(rng), from_params_jit)
+
+
+def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh) -> Result:
+    """Trains `stage` to `config.train.steps`, resuming from its latest checkpoint.
+
+    Writes `RUN_DIR/<stage>/{checkpoints,params,metrics.jsonl,events.*}`.
+    """
+    tc = config.train
+    rules = config.mesh.rules
+    stage_dir = config_lib.stage_dir(config, stage.name)
+    summarize = stage.summarize or _default_summary
+
+    compiled = compile_stage(config, stage, mesh)
+    state_shardings, abstract_state = compiled.state_shardings, compiled.abstract_state
+    train_step, eval_step = compiled.train_step, compiled.eval_step
+    with sharding.activate(mesh, rules):
+        # ---- Data, checkpoints, restore ---------------------------------------------------------
+        train_iter = iter(stage.train_data.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+        mngr = ckpt_lib.manager(stage_dir / "checkpoints", config.checkpoint)
+        start = mngr.latest_step()
+        if start is not None:
+            logging.info("resuming %s from step %d", stage.name, start)
+            state = ckpt_lib.restore(mngr, start, abstract_state, train_iter)
+            metrics_lib.truncate_metrics(stage_dir, start)
+        else:
+            start = 0
+            if stage.load_params is not None:
+                state = compiled.state_from_params(stage.load_params(abstract_state.params))
+            else:
+                state = compiled.init_state()
+        config_lib.save_json(config, stage_dir / "config.json")
+
+        writer = metrics_lib.MetricWriter(stage_dir)
+        peak, peak_source = metrics_lib.peak_flops(tc.peak_flops_per_device)
+        logging.info("%s: %s params, peak %.3g FLOP/s (%s)", stage.name,
+                     f"{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}", peak, peak_source)
+
+        def run_eval(state, step):
+            if stage.eval_data is None:
+                return {}
+            sums = evaluate(eval_step, state.params, stage.eval_data, mesh, rules, tc.eval_batches)
+            out = {f"eval/{k}": v for k, v in summarize(sums).items()}
+            writer.write(step, out)
+            return out
+
+        def run_samples(state, step):
+            if stage.sample_fn is None or jax.process_index() != 0:
+                return
+            for text in stage.sample_fn(state.params):
+                tqdm.tqdm.write(f"[sample @ {step}] {text!r}")
+                with open(stage_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, "text": text}) + "\n")
+
+        # ---- Loop -----------------------------------------------------------------------------
+        bar = tqdm.tqdm(total=tc.steps, initial=start, desc=stage.name, dynamic_ncols=True,
+                        disable=not tc.progress_bar or jax.process_index() != 0)
+        pending: list[dict] = []
+        eval_metrics: dict[str, float] = {}
+        preempted = False
+        timer_start, timer_steps = None, 0
+        step = start
+        with _Preemption() as preemption:
+            while step < tc.steps:
+                batch = sharding.global_batch(next(train_iter), mesh, rules)
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                pending.append(step_metrics)
+                if timer_start is None:  # the first step compiles: time from its end
+                    jax.block_until_ready(step_metrics)
+                    timer_start = time.perf_counter()
+                else:
+                    timer_steps += 1
+                bar.update(1)
+
+                if pending and (step % tc.log_every == 0 or step == tc.steps):
+                    sums = _mean_rows(pending)
+                    row = {**summarize(sums), "learning_rate": sums["learning_rate"],
+                           "grad_norm": sums["grad_norm"]}
+                    if timer_steps:
+                        elapsed = time.perf_counter() - timer_start
+                        row["tokens_per_second"] = stage.tokens_per_step * timer_steps / elapsed
+                        if peak and stage.flops_per_step:
+                            row["mfu"] = stage.flops_per_step * timer_steps / elapsed / peak
+                        timer_start, timer_steps = time.perf_counter(), 0
+                    writer.write(step, row)
+                    bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_second") if k in row})
+                    pending = []
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    eval_metrics = run_eval(state, step)
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                    timer_start, timer_steps = time.perf_counter(), 0  # do not count eval as training
+                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                    run_samples(state, step)
+                    timer_start, timer_steps = time.perf_counter(), 0
+                if preemption.requested or mngr.reached_preemption(step):
+                    ckpt_lib.save(mngr, step, state, train_iter, config, force=True)
+                    preempted = True
+                    break
+                ckpt_lib.save(mngr, step, state, train_iter, config, force=step == tc.steps)
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+        if preempted:
+            logging.warning("%s: stopped by SIGTERM at step %d; checkpoint saved", stage.name, step)
+            writer.close()
+            return Result(step, state, True, eval_metrics)
+        if start < tc.steps or not (stage_dir / "params").exists():
+            eval_metrics = run_eval(state, step)
+            if eval_metrics:
+                bar.write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            run_samples(state, step)
+            ckpt_lib.export_params(stage_dir / "params", state.params)
+        writer.close()
+        return Result(step, state, False, eval_metrics)

@@ -1,0 +1,129 @@
+"""Metric writers (metrics.jsonl, TensorBoard, a tqdm bar) and model-FLOPs utilisation.
+
+Only process 0 writes. `metrics.jsonl` has one JSON object per logged step, e.g.
+`{"step": 100, "loss": 2.31, "learning_rate": 0.001, "grad_norm": 0.8, "tokens_per_second": 9.1e3,
+"mfu": 0.41}`; evaluation rows carry `eval/loss`, `eval/perplexity`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip from the vendors' datasheets (no sparsity).
+PUBLISHED_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e / Trillium
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak_flops(size: int = 2048, repeats: int = 3) -> float:
+    """Best float32 matmul throughput of this machine (FLOP/s), measured with NumPy's BLAS.
+
+    ../shared/docs/cpu-notes.md: on the 2-core CI machines NumPy ~275 GFLOP/s, torch/MKL ~282 and
+    XLA ~242 at 2048^2; the best library's number is the machine's peak.
+    """
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    a @ a  # warm up the BLAS threads
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(override: float = 0.0) -> tuple[float, str]:
+    """Peak FLOP/s of all devices of this job and where the number comes from.
+
+    `override` (config `train.peak_flops_per_device`) wins; on CPU the machine's measured matmul
+    peak is used once for all (fake) devices, which share the same cores; accelerators use
+    `PUBLISHED_PEAK_FLOPS` times the device count.
+    """
+    devices = jax.devices()
+    if override > 0:
+        return override * len(devices), "config"
+    if devices[0].platform == "cpu":
+        return measured_cpu_peak_flops(), "measured numpy f32 matmul"
+    kind = devices[0].device_kind
+    for name, flops in PUBLISHED_PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops * len(devices), f"published {name}"
+    return 0.0, f"unknown device {kind}"
+
+
+class MetricWriter:
+    """Writes scalar metrics to `metrics.jsonl` and TensorBoard event files in `directory`."""
+
+    def __init__(self, directory: str | pathlib.Path, *, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.directory = pathlib.Path(directory)
+        self._tb = None
+        if self.enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.directory), flush_secs=30)
+            self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Records `scalars` (floats) at `step`."""
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for key, value in scalars.items():
+            value = float(value)
+            row[key] = value
+            self._tb.add_scalar(key, value, step)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the files."""
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def truncate_metrics(directory: str | pathlib.Path, last_step: int) -> None:
+    """Drops rows after `last_step` from `metrics.jsonl` (a resumed run rewrites them).
+
+    After a crash between checkpoints the file holds steps that will be trained again; removing
+    them keeps one row per step, so the file shows the trajectory of the finished run.
+    """
+    path = pathlib.Path(directory) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            logging.warning("dropping a damaged line from %s", path)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(directory: str | pathlib.Path) -> list[dict]:
+    """All rows of `directory/metrics.jsonl`."""
+    path = pathlib.Path(directory) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
