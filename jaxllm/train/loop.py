@@ -135,7 +135,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss_sum": loss_sum, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss_sum": loss_sum, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step), **sums}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
