@@ -49,8 +49,9 @@ def manager(directory: str | pathlib.Path, c: ml_collections.ConfigDict) -> ocp.
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=options, item_names=("state", "data", "config"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -66,7 +67,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores the train state of `step` onto the shardings of `abstract_state` and moves
-    `data_iterator` to where it was. Returns the state."""
+    `data_iterator` to where it was. Returns the state.
+
+    Raises:
+      ConfigError: if the checkpoint's arrays do not have the shapes of `abstract_state` (the run
+        directory was written with a different model or optimizer config).
+    """
+    stored = mngr.item_metadata(step)["state"]
+    stored = getattr(stored, "tree", stored)
+    try:
+        _check_shapes(stored["params"], abstract_state.params, mngr.directory / str(step))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"cannot resume: {e}. Use a new run_dir or the run's own config "
+                                     f"({mngr.directory.parent / 'config.json'})") from None
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),
@@ -102,15 +115,18 @@ def load_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
 
 
 def _check_shapes(stored: Any, abstract: Any, directory: pathlib.Path) -> None:
-    flat_stored = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    flat_target = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    def flat(tree):
+        return {jax.tree_util.keystr(p, simple=True, separator="/"): v
+                for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    flat_stored, flat_target = flat(stored), flat(abstract)
     missing = sorted(set(flat_target) - set(flat_stored))
     extra = sorted(set(flat_stored) - set(flat_target))
     if missing or extra:
-        raise ValueError(f"params at {directory} do not match the model: missing {missing[:5]}, "
+        raise ValueError(f"{directory} does not match the model: missing {missing[:5]}, "
                          f"unexpected {extra[:5]}")
     for key, target in flat_target.items():
         shape = tuple(getattr(flat_stored[key], "shape", ()))
         if shape != tuple(target.shape):
-            raise ValueError(f"params at {directory}: {key} has shape {shape}, the model expects "
+            raise ValueError(f"{directory}: {key} has shape {shape}, the model expects "
                              f"{tuple(target.shape)} (different model config or vocabulary?)")

@@ -43,7 +43,7 @@ def _load(argv: Sequence[str], command: str):
 
     spec, overrides, rest = config_lib.parse_overrides(argv)
     if rest:
-        raise config_lib.ConfigError(f"jaxllm {command}: unexpected arguments {rest}")
+        raise config_lib.ConfigError(f"unexpected arguments {rest}")
     if spec is None:
         raise config_lib.ConfigError(f"jaxllm {command} needs --config configs/FILE.py[:ARG]")
     config = config_lib.build(spec, overrides)
@@ -106,7 +106,7 @@ def cmd_sample(argv: Sequence[str]) -> int:
     prompts = args.prompt or [""]
     outs = sampling.generate(model_config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             eos_id=tok.eos_id, seed=args.seed)
+                             eos_id=tok.eos_id, seed=args.seed, max_context=config.data.seq_len)
     for prompt, out in zip(prompts, outs):
         print(f"--- prompt: {prompt!r}\n{prompt}{tok.decode(out)}")
     return 0

@@ -74,6 +74,8 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def _parse_value(key: str, raw: str, current: Any, field_type: type | None) -> Any:
     target = field_type if current is None else type(current)
+    if current is None and raw.strip() == "None":
+        return None
     try:
         if target is bool:
             low = raw.strip().lower()
@@ -87,7 +89,12 @@ def _parse_value(key: str, raw: str, current: Any, field_type: type | None) -> A
         if target is float:
             return float(raw)
         if target in (tuple, list):
-            value = ast.literal_eval(raw) if raw.strip()[:1] in "([" else ast.literal_eval(f"({raw},)")
+            try:
+                value = ast.literal_eval(raw) if raw.strip()[:1] in "([" else ast.literal_eval(f"({raw},)")
+            except (ValueError, SyntaxError):
+                if current and not all(isinstance(x, str) for x in current):
+                    raise
+                value = [part.strip() for part in raw.split(",")]  # a,b,c for a tuple of strings
             return target(value)
         if target is str or target is None:
             return raw

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.train import loop, optim
-from tests.test_sharding import small_config, synthetic_batches, train
+from test_sharding import small_config, synthetic_batches, train
 
 
 @pytest.mark.parametrize("mesh_shape, devices", [((1, 1, 1), 1), ((2, 2, 2), 8)])

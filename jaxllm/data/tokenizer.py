@@ -39,6 +39,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from jaxllm.config import ConfigError
 from jaxllm.data import sources
 
 logger = logging.getLogger(__name__)
@@ -257,13 +258,13 @@ def _lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
 def _trainer_options(config: ml_collections.ConfigDict) -> dict:
     model_type = str(config.model_type)
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"tokenizer.model_type={model_type!r}; expected one of {MODEL_TYPES}")
+        raise ConfigError(f"tokenizer.model_type={model_type!r}; expected one of {MODEL_TYPES}")
     markers = list(role_markers(config).values())
     user_symbols = markers + ([] if config.byte_fallback else ["\n"])
     fixed = 4 + len(user_symbols) + (256 if config.byte_fallback else 0)
     trainer_vocab = int(config.vocab_size) - int(config.num_sentinels)
     if trainer_vocab <= fixed:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer.vocab_size={config.vocab_size} leaves no room for learned pieces: "
             f"{config.num_sentinels} sentinels + {fixed} special/role/byte pieces"
         )

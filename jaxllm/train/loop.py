@@ -222,18 +222,19 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
     `sharding.activate(mesh, config.mesh.rules)`.
 
     Raises:
-      ValueError: if the batch does not split into `train.grad_accum_steps` microbatches whose
-        rows divide over the mesh's batch shards.
-      sharding.MeshError: if a parameter dimension does not divide over its mesh axes.
+      config.ConfigError: (a ValueError) if `train.batch_size` does not split into
+        `train.grad_accum_steps` microbatches.
+      sharding.MeshError: (a ValueError) if a microbatch's rows do not divide over the mesh's
+        batch shards, or a parameter dimension does not divide over its mesh axes.
     """
     tc, rules = config.train, config.mesh.rules
     if tc.batch_size % tc.grad_accum_steps:
-        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by "
-                         f"train.grad_accum_steps={tc.grad_accum_steps}")
+        raise config_lib.ConfigError(f"train.batch_size={tc.batch_size} is not divisible by "
+                                     f"train.grad_accum_steps={tc.grad_accum_steps}")
     shards = sharding.batch_axis_size(mesh, rules)
     if (tc.batch_size // tc.grad_accum_steps) % shards:
-        raise ValueError(f"microbatch of {tc.batch_size // tc.grad_accum_steps} rows is not divisible by "
-                         f"the {shards} batch shards of mesh {dict(mesh.shape)}")
+        raise sharding.MeshError(f"microbatch of {tc.batch_size // tc.grad_accum_steps} rows is not divisible "
+                                 f"by the {shards} batch shards of mesh {dict(mesh.shape)}")
 
     tx, schedule = optim.build(config.optimizer, tc.steps)
     rng = jax.random.key(config.seed)
@@ -291,13 +292,15 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         if start is not None:
             logging.info("resuming %s from step %d", stage.name, start)
             state = ckpt_lib.restore(mngr, start, abstract_state, train_iter)
-            metrics_lib.truncate_metrics(stage_dir, start)
         else:
             start = 0
             if stage.load_params is not None:
                 state = compiled.state_from_params(stage.load_params(abstract_state.params))
             else:
                 state = compiled.init_state()
+        # Rows past the restored step (all rows when a crash came before the first checkpoint)
+        # are trained again: drop them so the file keeps one row per step.
+        metrics_lib.truncate_metrics(stage_dir, start)
         config_lib.save_json(config, stage_dir / "config.json")
 
         writer = metrics_lib.MetricWriter(stage_dir)
@@ -321,6 +324,10 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 with open(stage_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, "text": text}) + "\n")
 
+        def train_row(rows):
+            sums = _mean_rows(rows)
+            return {**summarize(sums), "learning_rate": sums["learning_rate"], "grad_norm": sums["grad_norm"]}
+
         # ---- Loop -----------------------------------------------------------------------------
         bar = tqdm.tqdm(total=tc.steps, initial=start, desc=stage.name, dynamic_ncols=True,
                         disable=not tc.progress_bar or jax.process_index() != 0)
@@ -343,9 +350,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 bar.update(1)
 
                 if pending and (step % tc.log_every == 0 or step == tc.steps):
-                    sums = _mean_rows(pending)
-                    row = {**summarize(sums), "learning_rate": sums["learning_rate"],
-                           "grad_norm": sums["grad_norm"]}
+                    row = train_row(pending)
                     if timer_steps:
                         elapsed = time.perf_counter() - timer_start
                         row["tokens_per_second"] = stage.tokens_per_step * timer_steps / elapsed
@@ -363,6 +368,8 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                     run_samples(state, step)
                     timer_start, timer_steps = time.perf_counter(), 0
                 if preemption.requested or mngr.reached_preemption(step):
+                    if pending:  # log the steps since the last row before stopping
+                        writer.write(step, train_row(pending))
                     ckpt_lib.save(mngr, step, state, train_iter, config, force=True)
                     preempted = True
                     break

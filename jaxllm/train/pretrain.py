@@ -108,7 +108,8 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     def sample_fn(params):
         prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in config.sample.prompts]
         outs = sampling.generate(model_config, params, prompts, max_new_tokens=config.sample.max_new_tokens,
-                                 temperature=config.sample.temperature, eos_id=tokenizer.eos_id, seed=config.seed)
+                                 temperature=config.sample.temperature, eos_id=tokenizer.eos_id, seed=config.seed,
+                                 max_context=dc.seq_len)
         return [p + tokenizer.decode(o) for p, o in zip(config.sample.prompts, outs)]
 
     logging.info("model: %s parameters", f"{llama.count_params(model_config):,}")
