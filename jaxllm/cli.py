@@ -3,6 +3,7 @@
 Commands:
   tokenizer   train (or load) the run's SentencePiece tokenizer
   pretrain    causal-LM pretraining (trains the tokenizer first if the run has none)
+  sft         supervised fine-tuning on conversations, from the run's pretrain params
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
 
 Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
@@ -17,7 +18,8 @@ import os
 import sys
 from typing import Sequence
 
-COMMANDS = ("tokenizer", "pretrain", "sample")
+STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft"}
+COMMANDS = ("tokenizer", *STAGES, "sample")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -61,19 +63,20 @@ def cmd_tokenizer(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_pretrain(argv: Sequence[str]) -> int:
-    """Runs the pretraining stage to `train.steps`, resuming from its checkpoints."""
+def cmd_stage(command: str, argv: Sequence[str]) -> int:
+    """Runs a training stage to `train.steps`, resuming from its checkpoints."""
+    import importlib
+
     from jaxllm import config as config_lib
     from jaxllm import sharding
-    from jaxllm.train import pretrain
 
-    config = _load(argv, "pretrain")
+    config = _load(argv, command)
     sharding.initialize_runtime(config)
-    result = pretrain.run(config)
+    result = importlib.import_module(STAGES[command]).run(config)
     config_lib.save_json(config, os.path.join(config.run_dir, "config.json"))
     if result.preempted:
         return EXIT_PREEMPTED
-    print(f"pretrain finished at step {result.step}: " +
+    print(f"{command} finished at step {result.step}: " +
           ", ".join(f"{k}={v:.4f}" for k, v in result.eval_metrics.items()))
     return 0
 
@@ -120,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     _setup_logging()
     command, rest = argv[0], argv[1:]
-    handler = {"tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "sample": cmd_sample}[command]
     try:
-        return handler(rest)
+        if command in STAGES:
+            return cmd_stage(command, rest)
+        return {"tokenizer": cmd_tokenizer, "sample": cmd_sample}[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)
         return 2

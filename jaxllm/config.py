@@ -208,3 +208,27 @@ def stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> pa
 def tokenizer_dir(run_dir: str | os.PathLike) -> pathlib.Path:
     """`RUN_DIR/tokenizer/`, shared by every stage of the run."""
     return pathlib.Path(run_dir) / "tokenizer"
+
+
+# Keys of the `model` section that fix parameter shapes and layout: a stage that starts from an
+# earlier stage's params takes them from that stage's config; compute settings (dtype,
+# remat_policy, attention_impl) stay the stage's own.
+MODEL_SHAPE_KEYS = ("family", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias",
+                    "scan_layers", "param_dtype")
+
+
+def inherit_model_shape(config: ml_collections.ConfigDict, source_stage_dir: str | os.PathLike) -> None:
+    """Copies `MODEL_SHAPE_KEYS` from the config of the stage in `source_stage_dir`.
+
+    Raises:
+      ConfigError: if that stage has no `config.json` (it has not run).
+    """
+    path = pathlib.Path(source_stage_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run the {pathlib.Path(source_stage_dir).name} stage first")
+    source = load_json(path).model
+    with config.model.unlocked():
+        for key in MODEL_SHAPE_KEYS:
+            if key in source:
+                config.model[key] = source[key]

@@ -390,3 +390,13 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
             ckpt_lib.export_params(stage_dir / "params", state.params)
         writer.close()
         return Result(step, state, False, eval_metrics)
+
+
+def run_stage(config: ml_collections.ConfigDict, build_stage: Callable[[ml_collections.ConfigDict, Any], Stage]) -> Result:
+    """Mesh, the run's tokenizer (trained on first use), then `run` on `build_stage(config, tokenizer)`."""
+    from jaxllm.data import tokenizer as tokenizer_lib
+
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.log_mesh(mesh)
+    tokenizer = tokenizer_lib.load_or_train(config, config.run_dir)
+    return run(config, build_stage(config, tokenizer), mesh)

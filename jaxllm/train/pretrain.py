@@ -127,9 +127,5 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
 
 
 def run(config: ml_collections.ConfigDict) -> loop.Result:
-    """Trains the tokenizer if needed, then pretrains; returns the loop's result."""
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.log_mesh(mesh)
-    tokenizer = tokenizer_lib.load_or_train(config, config.run_dir)
-    stage = build_stage(config, tokenizer)
-    return loop.run(config, stage, mesh)
+    """Runs the stage (training the run's tokenizer first if it has none); returns the loop's result."""
+    return loop.run_stage(config, build_stage)

@@ -1,0 +1,41 @@
+"""Supervised fine-tuning runs: `jaxllm sft --config configs/sft.py:ARG` (after `jaxllm pretrain`
+with the same `--config.run_dir`).
+
+ARG is one of:
+
+- `tiny` (default): after `configs/pretrain.py:tiny` in `runs/tiny`; SFT on the stdlib task set
+  (a function's signature and docstring -> its real body), held-out functions for evaluation.
+    jaxllm sft --config configs/sft.py:tiny
+- `real`: the shared conversations `DATA_ROOT/sft/{lima,oasst_en100,alpaca_en_demo,
+  self_instruct_seed,fastchat_dummy_conversation}` (train splits; test splits held out), after a
+  pretraining run on `DATA_ROOT/pretrain/*` (`configs/pretrain.py:shared`) in the same run dir.
+    jaxllm sft --config configs/sft.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
+"""
+
+from jaxllm.train import sft
+
+SFT_SETS = ("lima", "oasst_en100", "alpaca_en_demo", "self_instruct_seed", "fastchat_dummy_conversation")
+
+
+def get_config(arg: str = "tiny"):
+    c = sft.default_config()
+    if arg == "tiny":
+        c.run_dir = "runs/tiny"
+        c.stdlib_tasks = True
+        c.data.sources = "jsonl:{run_dir}/data/stdlib/sft/train.jsonl"
+        c.data.eval_sources = "jsonl:{run_dir}/data/stdlib/sft/test.jsonl"
+        c.data.seq_len = 256
+        c.train.update(steps=150, batch_size=16, eval_every=50, log_every=10)
+        c.optimizer.update(lr=5e-4, min_lr=5e-5, warmup_steps=15)
+        c.sample.prompts = ("Complete the body of this Python function.\n\ndef add(a, b):\n    \"\"\"Return a + b.\"\"\"",)
+    elif arg == "real":
+        c.run_dir = "runs/shared"
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/sft/{name}/train.jsonl" for name in SFT_SETS)
+        c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/sft/{name}/test.jsonl" for name in SFT_SETS)
+        c.data.seq_len = 512
+        c.train.update(steps=600, batch_size=16, eval_every=200, log_every=20)
+        c.optimizer.update(lr=3e-4, min_lr=3e-5, warmup_steps=30)
+        c.sample.prompts = ("What is the capital of France?", "Give me three tips for staying healthy.")
+    else:
+        raise KeyError(f"unknown sft config {arg!r}; expected tiny or real")
+    return c

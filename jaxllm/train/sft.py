@@ -1,0 +1,117 @@
+"""Supervised fine-tuning on conversations (InstructGPT step 1; LIMA, Alpaca, Vicuna recipes).
+
+`jaxllm sft --config configs/sft.py:ARG` starts from the `params/` of the run's pretraining
+stage (resharded onto this stage's mesh), trains next-token prediction on the assistant turns
+only (`jaxllm.data.chat`), reports held-out loss and `mean_token_accuracy`, and writes its own
+`params/`.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import jax
+import ml_collections
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import sampling
+from jaxllm import sharding
+from jaxllm.data import chat
+from jaxllm.data import lm
+from jaxllm.data import sft as sft_data
+from jaxllm.data import stdlib_tasks
+from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.models import llama
+from jaxllm.train import loop
+from jaxllm.train import pretrain
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A complete SFT run config."""
+    c = pretrain.default_config()
+    c.stage = "sft"
+    c.data = sft_data.default_config()
+    c.init_from = "pretrain"  # stage of RUN_DIR (or init_run_dir) whose params/ to start from; "" = random
+    c.init_run_dir = ""  # "" = this run
+    c.stdlib_tasks = False  # write the stdlib task sets to RUN_DIR/data/stdlib first (the embedded default)
+    c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0)
+    c.train.update(steps=300, batch_size=16, eval_every=100, log_every=10)
+    c.sample.prompts = ("Write a haiku about autumn.",)
+    c.sample.max_new_tokens = 64
+    c.sample.temperature = 0.0
+    return c
+
+
+def source_stage_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """`RUN_DIR/<init_from>/` (or `init_run_dir/<init_from>/`)."""
+    return pathlib.Path(config.init_run_dir or config.run_dir) / config.init_from
+
+
+def prepare_sources(config: ml_collections.ConfigDict) -> None:
+    """Writes the stdlib task sets if `config.stdlib_tasks`, and fills `{run_dir}` in data specs."""
+    if config.stdlib_tasks:
+        stdlib_tasks.build(pathlib.Path(config.run_dir) / "data" / "stdlib", seed=config.seed)
+    for key in ("sources", "eval_sources"):
+        config.data[key] = config.data[key].replace("{run_dir}", str(config.run_dir))
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Mean loss per supervised token, perplexity and `mean_token_accuracy` (TRL's name)."""
+    count = max(sums["count"], 1.0)
+    loss = sums["loss_sum"] / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "mean_token_accuracy": sums["correct"] / count}
+
+
+def chat_sample_fn(config, tokenizer, model_config, max_context: int):
+    """`params -> [text]`: greedy answers to `config.sample.prompts` in the chat template."""
+    template = chat.ChatTemplate(tokenizer)
+
+    def sample_fn(params):
+        prompts = [template.prompt([{"role": "user", "content": p}]).tolist() for p in config.sample.prompts]
+        outs = sampling.generate(model_config, params, prompts, max_new_tokens=config.sample.max_new_tokens,
+                                 temperature=config.sample.temperature, eos_id=template.end_id,
+                                 seed=config.seed, max_context=max_context)
+        return [f"{p} => {template.decode_response(o)}" for p, o in zip(config.sample.prompts, outs)]
+
+    return sample_fn
+
+
+def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> loop.Stage:
+    """The SFT `Stage`: masked LM loss on assistant tokens, starting from the previous stage."""
+    if config.init_from:
+        config_lib.inherit_model_shape(config, source_stage_dir(config))
+    prepare_sources(config)
+    pretrain.resolve_vocab(config, tokenizer)
+    model_config = llama.LlamaConfig.from_config(config.model)
+    tc, dc = config.train, config.data
+    common = dict(seed=config.seed, cache_dir=lm.resolve_cache_dir(dc, config.run_dir), data_root=config.data_root,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    train_data = sft_data.sft_dataset(dc, tokenizer, split="train", global_batch_size=tc.batch_size, **common)
+    eval_data = None
+    if dc.eval_sources:
+        eval_data = sft_data.sft_dataset(dc, tokenizer, split="eval",
+                                         global_batch_size=tc.eval_batch_size or tc.batch_size, **common)
+    load_params = None
+    if config.init_from:
+        params_dir = source_stage_dir(config) / "params"
+        load_params = lambda abstract: ckpt_lib.load_params(params_dir, abstract)  # noqa: E731
+    tokens_per_step = tc.batch_size * dc.seq_len
+    return loop.Stage(
+        name=config.stage,
+        init_params=lambda rng: llama.init(model_config, rng),
+        loss_fn=pretrain.lm_loss_fn(model_config),
+        train_data=train_data,
+        eval_data=eval_data,
+        flops_per_step=llama.flops_per_token(model_config, dc.seq_len) * tokens_per_step,
+        tokens_per_step=tokens_per_step,
+        load_params=load_params,
+        summarize=summarize,
+        sample_fn=chat_sample_fn(config, tokenizer, model_config, dc.seq_len) if config.sample.prompts else None,
+    )
+
+
+def run(config: ml_collections.ConfigDict) -> loop.Result:
+    """Runs the stage (training the run's tokenizer first if it has none); returns the loop's result."""
+    return loop.run_stage(config, build_stage)
