@@ -4,6 +4,7 @@ Commands:
   tokenizer   train (or load) the run's SentencePiece tokenizer
   pretrain    causal-LM pretraining (trains the tokenizer first if the run has none)
   sft         supervised fine-tuning on conversations, from the run's pretrain params
+  compile     ahead-of-time fitting: `jaxllm compile --config ... --topology v5p:4x4x4 [--suggest]`
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
 
 Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
@@ -19,7 +20,7 @@ import sys
 from typing import Sequence
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft"}
-COMMANDS = ("tokenizer", *STAGES, "sample")
+COMMANDS = ("tokenizer", *STAGES, "sample", "compile")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -31,13 +32,14 @@ def _setup_logging() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from jaxllm import aot
     from jaxllm import config as config_lib
     from jaxllm import sharding
     from jaxllm.data import sources
     from jaxllm.train import pretrain
 
     return (config_lib.ConfigError, sharding.MeshError, sources.DataError, pretrain.VocabMismatchError,
-            FileNotFoundError)
+            FileNotFoundError, aot.TopologyError)
 
 
 def _load(argv: Sequence[str], command: str):
@@ -115,6 +117,34 @@ def cmd_sample(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_compile(argv: Sequence[str]) -> int:
+    """Compiles the train step for a TPU topology and prints per-chip memory and FLOPs."""
+    from jaxllm import aot
+    from jaxllm import config as config_lib
+
+    spec, overrides, rest = config_lib.parse_overrides(argv)
+    parser = argparse.ArgumentParser(prog="jaxllm compile")
+    parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:4x4, v6e:2x4, v4:2x2x2")
+    parser.add_argument("--suggest", action="store_true", help="find the smallest slice that fits")
+    args = parser.parse_args(rest)
+    if spec is None:
+        raise config_lib.ConfigError("jaxllm compile needs --config configs/FILE.py[:ARG]")
+    config = config_lib.build(spec, overrides)
+    print(aot.HEADER)
+    if args.suggest:
+        fits = aot.suggest(config, aot.generation(args.topology))
+        for fit in fits:
+            print(fit.table_row())
+        if fits and fits[-1].fits:
+            print(f"smallest {aot.generation(args.topology)} slice that fits: {fits[-1].topology}")
+            return 0
+        print("no slice tried fits; try remat (--config.model.remat_policy=full), a smaller batch or tensor parallelism")
+        return 1
+    fit = aot.compile_step(config, aot.topology_devices(args.topology), args.topology)
+    print(fit.table_row())
+    return 0 if fit.fits else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxllm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command in STAGES:
             return cmd_stage(command, rest)
-        return {"tokenizer": cmd_tokenizer, "sample": cmd_sample}[command](rest)
+        return {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "compile": cmd_compile}[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,160 @@
+"""Ahead-of-time fitting: compile the real train step for a TPU topology on this machine.
+
+`jaxllm compile --config configs/pretrain.py:llama2_7b --topology v5p:4x4x4` lowers and compiles
+the jitted train step (same code path as training: `loop.compile_stage`) for the devices of a
+Cloud TPU slice described by `libtpu` (`pip install 'jaxllm[tpu]'`; run with `JAX_PLATFORMS=cpu`
+so no TPU backend is started), and prints per-chip memory (parameters, optimizer state, batch,
+XLA temporaries) against the chip's HBM, the step's FLOPs, and whether it fits. `--suggest` tries
+growing slices of the same generation and reports the smallest that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxllm import sharding
+from jaxllm.models import llama
+from jaxllm.train import loop, pretrain
+
+GiB = 1024**3
+# HBM per chip (Google Cloud TPU documentation, "TPU versions").
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+# Slice shapes to try with --suggest, smallest first.
+SLICES = {
+    "v4": ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"],
+    "v5p": ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"],
+    "v5e": ["1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"],
+    "v6e": ["1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"],
+}
+
+
+class TopologyError(ValueError):
+    """An unknown or malformed TPU topology name."""
+
+
+@dataclasses.dataclass
+class Fit:
+    """Per-chip memory and FLOPs of one compiled train step."""
+
+    topology: str
+    num_devices: int
+    mesh_shape: dict[str, int]
+    param_bytes: int  # per device
+    opt_state_bytes: int
+    batch_bytes: int
+    temp_bytes: int  # XLA temporaries: activations, gradients, workspace
+    total_bytes: int  # arguments + outputs - aliased + temporaries
+    hbm_bytes: int
+    flops: float  # model FLOPs per device per step (MaxText's count; XLA's cost analysis counts a
+    # scanned layer body once, so it is not used)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def table_row(self) -> str:
+        g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
+        return (f"{self.topology:>10} {self.num_devices:5d} {str(tuple(self.mesh_shape.values())):>13} "
+                f"{g(self.param_bytes)} {g(self.opt_state_bytes)} {g(self.batch_bytes)} {g(self.temp_bytes)} "
+                f"{g(self.total_bytes)} {g(self.hbm_bytes)} {self.flops / 1e12:9.1f}  {'yes' if self.fits else 'NO'}")
+
+
+HEADER = (f"{'topology':>10} {'chips':>5} {'mesh':>13} {'params':>7} {'opt':>7} {'batch':>7} {'temp':>7} "
+          f"{'total':>7} {'HBM':>7} {'TFLOP':>9}  fits   (GiB per chip)")
+
+
+def generation(topology: str) -> str:
+    """`v5p` of `v5p:4x4x4`.
+
+    Raises:
+      TopologyError: unknown generation or malformed name.
+    """
+    gen, sep, shape = topology.partition(":")
+    if not sep or gen not in HBM_BYTES or not all(p.isdigit() for p in shape.split("x")):
+        raise TopologyError(f"topology {topology!r}: expected GEN:AxB[xC] with GEN in {sorted(HBM_BYTES)}")
+    return gen
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """Compile-only devices of a TPU slice (needs `libtpu`).
+
+    Raises:
+      TopologyError: bad name, or libtpu missing.
+    """
+    generation(topology)
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except (RuntimeError, NotImplementedError) as e:
+        raise TopologyError(f"cannot describe TPU topology {topology!r} ({e}); is libtpu installed "
+                            f"(pip install 'jaxllm[tpu]')?") from None
+
+
+def _bytes_per_device(tree) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str = "cpu") -> Fit:
+    """Compiles the pretraining train step of `config` for `devices`; returns its memory and FLOPs.
+
+    Raises:
+      config.ConfigError: `model.vocab_size` unset (it normally comes from the tokenizer).
+      sharding.MeshError: the mesh does not fit the devices or the model.
+    """
+    from jaxllm.config import ConfigError
+
+    if config.model.vocab_size <= 0:
+        raise ConfigError("set --config.model.vocab_size (ahead-of-time compilation has no tokenizer)")
+    mesh = Mesh(np.asarray(devices).reshape(sharding.resolve_mesh_shape(config.mesh.shape, len(devices))),
+                sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    model_config = llama.LlamaConfig.from_config(config.model)
+    stage = loop.Stage(name="pretrain", init_params=lambda rng: llama.init(model_config, rng),
+                       loss_fn=pretrain.lm_loss_fn(model_config), train_data=None)
+    compiled = loop.compile_stage(config, stage, mesh)
+    rows, length = config.train.batch_size, config.data.seq_len
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
+             for k in ("inputs", "targets", "positions", "segment_ids")}
+    batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch_sharding)
+    with sharding.activate(mesh, config.mesh.rules):
+        executable = compiled.train_step.lower(compiled.abstract_state, batch).compile()
+    memory = executable.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes)
+    gen = topology.partition(":")[0]
+    return Fit(
+        topology=topology, num_devices=len(devices), mesh_shape=dict(mesh.shape),
+        param_bytes=_bytes_per_device(compiled.abstract_state.params),
+        opt_state_bytes=_bytes_per_device(compiled.abstract_state.opt_state),
+        batch_bytes=_bytes_per_device(batch), temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
+        hbm_bytes=HBM_BYTES.get(gen, 0),
+        flops=llama.flops_per_token(model_config, length) * rows * length / len(devices))
+
+
+def suggest(config: ml_collections.ConfigDict, gen: str) -> list[Fit]:
+    """Compiles for growing slices of generation `gen`; stops at the first that fits."""
+    fits = []
+    for shape in SLICES[gen]:
+        topology = f"{gen}:{shape}"
+        devices = topology_devices(topology)
+        try:
+            fit = compile_step(config, devices, topology)
+        except sharding.MeshError:
+            continue  # e.g. the global batch does not divide over this many chips
+        fits.append(fit)
+        if fit.fits:
+            break
+    return fits
