@@ -1,0 +1,648 @@
+"""Preference data for reward models and DPO: pairs, HH transcripts, ranking groups, batches.
+
+1. **Records** (`load_groups`). Each JSONL record's format is detected by the first rule that
+   applies. `responses`: a ranking group `{"prompt": [messages], "responses": [[assistant
+   messages] | "text", ...], "ranks": [int, ...]}` (lower is better, ties allowed). `chosen` as
+   message lists: a pair `{"prompt", "chosen", "rejected"}` (the shared bundle; ranks `[0, 1]`;
+   a response of several messages continues the conversation). `chosen` / `rejected` strings,
+   else `chosen_text` / `rejected_text`: Anthropic HH transcripts (`hh_pair`: split on
+   `\\n\\nHuman:` / `\\n\\nAssistant:`, one space after the colon dropped; the longest shared
+   message prefix, cut back to end at a user turn, is the prompt, the rest of each the response).
+   An optional `"margin"` is Llama-2's preference margin. Consecutive messages of one role (HH's
+   `flags: ["repeated_role_in_prompt"]`) are joined with a blank line, so such records are kept
+   (`flagged`, `merged_turns`). Responses are ordered by rank (best first, stable). Counted skips,
+   the first that applies: `skipped_empty_prompt` (no non-blank user content),
+   `skipped_identical` (all responses equal), `skipped_no_ordered_pair` (all ranks tied, or one
+   response). Other bad input raises `DataError` naming `file:line`.
+2. **Sources.** A mixture string of `jsonl:GLOB[#rankings][@WEIGHT]` entries. `#rankings`
+   rebuilds ranking groups from OpenAssistant pair records (`build_rankings`); without it every
+   record is one group.
+3. **Sequences.** Response `k` is `template.prompt(prompt) + response_k`, `response_k` being the
+   tail of `template.render(prompt + response_k)` after the prompt, without the final eos:
+   `A <|end|>`, or `A <|end|> <|user|> U <|end|> <|assistant|> A' <|end|>` for a continuation.
+   Scored tokens (DPO's log-prob) are the template's supervised response tokens: assistant
+   content and its `<|end|>`, not role markers nor user turns of a continuation. Renders are
+   cached (untruncated) in `cache_dir/<sha256(source, tokenizer, template)>.npz`.
+4. **Fitting** (`fit_groups`). A sequence of `n` tokens fits iff `n <= seq_len`: every token is
+   an input (the reward is read at `lengths - 1`) and `tokens[1:]` fill `targets[:n - 1]`. Groups
+   with more than `max_responses` responses are dropped (`dropped_too_many_responses`). When the
+   longest sequence does not fit, `truncation="drop"` drops the group (`dropped_long`) and
+   `"keep_end"` cuts the shared prompt once per group, so all responses keep one context: bos and
+   the last `seq_len - 1 - max_k len(response_k)` prompt tokens stay, responses stay whole
+   (`truncated`); with no room for one prompt token after bos the group is dropped
+   (`dropped_response_too_long`).
+5. **Order.** Train epoch `e` is `sft.epoch_examples(sizes, weights, seed, e)` over the fitted
+   groups (each once, or `@WEIGHT` mixtures as in SFT); element `i` is item `i % E` of epoch
+   `i // E` (`E` the epoch length): a pure function of (seed, index). Eval is finite, in order,
+   the last batch padded with all-zero groups. Global batch `s` is elements `s*B ... s*B + B - 1`,
+   process `p` of `P` takes its `B / P` (`lm._ProcessSlice`).
+6. **Batches** (`K = max_responses`, `L = seq_len`; unused slots and padding groups are zero):
+   `inputs`, `targets`, `positions`, `segment_ids` `[b, K, L]` int32 (`inputs[:n] = tokens`,
+   `targets[:n-1] = tokens[1:]`, `positions[:n] = 0..n-1`, `segment_ids[:n] = 1`); `loss_mask`
+   `[b, K, L]` float32 (1 where the target is a scored token); `lengths`, `ranks` `[b, K]` int32;
+   `response_mask` `[b, K]`, `margin` and `has_margin` `[b]` float32 (margin 0 when absent).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxllm.data import chat, lm, sft, sources
+from jaxllm.data.sources import DataError, SourceSpec
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+TRUNCATIONS = ("drop", "keep_end")
+RANKINGS_FIELD = "rankings"  # `jsonl:GLOB#rankings`
+_CACHE_FORMAT = 1  # bump when the cache layout changes
+_CACHED_EPOCHS = 16  # epoch orders kept in memory (all datasets of the process)
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_OASST_META = ("message_tree_id", "chosen_message_id", "rejected_message_id", "rank_chosen",
+               "rank_rejected")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=_CACHED_EPOCHS)  # thread-safe, and nothing to pickle for grain
+def _epoch_order(sizes: tuple, weights: tuple | None, seed: int, epoch: int) -> np.ndarray:
+    order = sft.epoch_examples(sizes, weights, seed, epoch)
+    order.setflags(write=False)  # shared by every caller
+    return order
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of reward-model and DPO run configs."""
+    c = ml_collections.ConfigDict()
+    c.sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/train.jsonl"
+    c.eval_sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/test.jsonl"
+    c.seq_len = 512  # tokens per response sequence (every token is an input)
+    c.max_responses = 2  # K: response slots per group (2 = pairs; InstructGPT used K = 4..9)
+    c.truncation = "keep_end"  # over-long groups: "drop" | "keep_end" (cut the prompt's start)
+    c.cache_dir = ""  # "" = no render cache; stages pass lm.resolve_cache_dir(...)
+    return c
+
+
+@dataclasses.dataclass
+class PreferenceStats:
+    """Counts of reading (records, groups, skips) and fitting (truncation, drops) groups."""
+
+    files: int = 0
+    records: int = 0
+    blank_lines: int = 0
+    formats: dict[str, int] = dataclasses.field(default_factory=dict)
+    flagged: int = 0  # records with `flags` (kept)
+    merged_turns: int = 0  # records where consecutive same-role messages were joined
+    groups: int = 0  # normalized groups kept by `load_groups`
+    responses: int = 0  # responses of those groups
+    skipped_empty_prompt: int = 0
+    skipped_identical: int = 0
+    skipped_no_ordered_pair: int = 0
+    examples: int = 0  # groups left by `fit_groups`
+    truncated: int = 0  # prompt cut (keep_end)
+    dropped_long: int = 0  # a sequence over seq_len (drop)
+    dropped_response_too_long: int = 0  # no room for bos + 1 prompt token + response (keep_end)
+    dropped_too_many_responses: int = 0  # more than max_responses
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+def hh_split(text: str, where: str = "") -> list[dict]:
+    """Splits an HH transcript `"\\n\\nHuman: U\\n\\nAssistant: A..."` into messages.
+
+    Roles may repeat (an inline `\\n\\nHuman:` in a reply splits it); `_messages` joins them.
+
+    Raises:
+      DataError: text before the first `\\n\\nHuman:` / `\\n\\nAssistant:` (`where` names it).
+    """
+    parts = _HH_TURN.split(text)
+    if parts[0]:
+        raise DataError(f"{where}: HH transcript starts with {parts[0][:40]!r}, not a turn marker")
+    return [
+        {"role": _HH_ROLES[speaker], "content": content[1:] if content[:1] == " " else content}
+        for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
+
+
+def hh_pair(chosen_text: str, rejected_text: str, where: str = "") -> tuple[list, list, list]:
+    """`(prompt, chosen, rejected)` messages of two HH transcripts (see the module docstring).
+
+    Raises:
+      DataError: as `hh_split`.
+    """
+    c, r = hh_split(chosen_text, where), hh_split(rejected_text, where)
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    while k and c[k - 1]["role"] != "user":
+        k -= 1
+    return c[:k], c[k:], r[k:]
+
+
+def _messages(value: Any, where: str, name: str) -> tuple[list[dict], bool]:
+    """Fresh `{"role", "content"}` messages with consecutive same-role messages joined by a blank
+    line, and whether any were joined. Raises DataError unless a list of objects with string
+    `role` and `content`."""
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        raise DataError(f"{where}: {name} must be a list of {{'role', 'content'}} string objects")
+    out: list[dict] = []
+    for m in value:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1]["content"] += "\n\n" + m["content"]
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out, len(out) < len(value)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _margin(record: dict, where: str) -> float | None:
+    m = record.get("margin")
+    if m is not None and not (_is_int(m) or isinstance(m, float) and math.isfinite(m)):
+        raise DataError(f"{where}: 'margin' must be a finite number, got {m!r}")
+    return None if m is None else float(m)
+
+
+def _normalize(prompt, responses, ranks, margin, where, stats) -> dict | None:
+    """One normalized group, or None for a counted skip (see the module docstring)."""
+    prompt, merged = _messages(prompt, where, "prompt")
+    out = []
+    for k, r in enumerate(responses):
+        r = [{"role": "assistant", "content": r}] if isinstance(r, str) else r
+        r, m = _messages(r, where, f"response {k}")
+        out.append(r)
+        merged |= m
+    stats.merged_turns += merged
+    if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+        stats.skipped_empty_prompt += 1
+        return None
+    if len(out) > 1 and all(r == out[0] for r in out[1:]):
+        stats.skipped_identical += 1
+        return None
+    if min(ranks) == max(ranks):
+        stats.skipped_no_ordered_pair += 1
+        return None
+    for k, conversation in enumerate([prompt] + [prompt + r for r in out]):
+        try:
+            chat.validate_messages(conversation, training=k > 0)
+        except chat.ChatError as e:
+            raise DataError(f"{where}: {f'prompt + response {k - 1}' if k else 'prompt'}: {e}")
+    order = sorted(range(len(out)), key=lambda k: ranks[k])
+    stats.groups += 1
+    stats.responses += len(out)
+    return {"prompt": prompt, "responses": [out[k] for k in order],
+            "ranks": [ranks[k] for k in order], "margin": margin}  # fmt: skip
+
+
+def _record_group(record: dict, where: str, stats: PreferenceStats) -> dict | None:
+    """Detects the record's format (module docstring, point 1) and normalizes it."""
+    stats.flagged += bool(record.get("flags"))
+    if "responses" in record:
+        fmt, responses = "ranking", record["responses"]
+        if not isinstance(responses, list) or not responses:
+            raise DataError(f"{where}: 'responses' must be a non-empty list")
+        prompt, ranks = record.get("prompt"), record.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != len(responses) or not all(
+            map(_is_int, ranks)
+        ):
+            raise DataError(f"{where}: 'ranks' must be a list of ints, one per response")
+    elif isinstance(record.get("chosen"), list):
+        fmt, ranks = "pairs", [0, 1]
+        prompt, responses = record.get("prompt"), [record["chosen"], record.get("rejected")]
+    elif isinstance(record.get("chosen"), str) or "chosen_text" in record:
+        fmt, ranks = "hh", [0, 1]
+        key = "chosen" if isinstance(record.get("chosen"), str) else "chosen_text"
+        other = "rejected" if key == "chosen" else "rejected_text"
+        if "prompt" in record:
+            raise DataError(f"{where}: string {key!r} with a 'prompt': give message lists instead")
+        texts = [sources.get_field(record, k, where) for k in (key, other)]
+        prompt, *responses = hh_pair(*texts, where)
+    else:
+        raise DataError(
+            f"{where}: record has none of 'responses', 'chosen', 'chosen_text' "
+            f"(its keys: {sorted(record)[:8]})"
+        )
+    stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+    return _normalize(prompt, responses, ranks, _margin(record, where), where, stats)
+
+
+def build_rankings(pair_records: Sequence[dict], wheres: Sequence[str] | None = None) -> list[dict]:
+    """Rebuilds ranking groups from OpenAssistant pair records (`oasst_en100_rankings`).
+
+    `meta` holds `message_tree_id`, `chosen_message_id`, `rejected_message_id`, `rank_chosen`,
+    `rank_rejected` but no prompter message id, so pairs are grouped on the tree id and the prompt
+    messages (the path to the prompter message); each reply enters its group once, with its rank.
+
+    Args:
+      pair_records: Records with `prompt`, `chosen`, `rejected` and `meta` as above.
+      wheres: `file:line` of each record, for errors (default: the record index).
+
+    Returns:
+      `{"prompt", "responses", "ranks", "meta": {"message_tree_id", "message_ids",
+      "first_record"}}` per group (in order of first appearance; `first_record` indexes
+      `pair_records`), replies by rank (ties by appearance).
+
+    Raises:
+      DataError: missing or ill-typed `meta` fields, `rank_chosen >= rank_rejected`, or a reply id
+        seen with another rank, content or prompt.
+    """
+    wheres = wheres if wheres is not None else [f"record {i}" for i in range(len(pair_records))]
+    groups: dict[tuple, dict] = {}
+    owner: dict[str, tuple] = {}
+    for i, (record, where) in enumerate(zip(pair_records, wheres)):
+        meta = record.get("meta")
+        if not isinstance(meta, dict) or any(k not in meta for k in _OASST_META):
+            raise DataError(f"{where}: #rankings needs 'meta' with {', '.join(_OASST_META)}")
+        ranks = (meta["rank_chosen"], meta["rank_rejected"])
+        if not all(map(_is_int, ranks)):
+            raise DataError(f"{where}: meta ranks must be ints, got {ranks}")
+        if ranks[0] >= ranks[1]:
+            raise DataError(f"{where}: rank_chosen {ranks[0]} is not better than {ranks[1]}")
+        key = (str(meta["message_tree_id"]), json.dumps(record.get("prompt"), sort_keys=True))
+        group = groups.setdefault(key, {"prompt": record.get("prompt"), "replies": {}, "first": i})
+        for side, rank in zip(("chosen", "rejected"), ranks):
+            mid = str(meta[f"{side}_message_id"])
+            if owner.setdefault(mid, key) != key:
+                raise DataError(f"{where}: reply {mid} also answers another prompt")
+            seen = group["replies"].setdefault(mid, (rank, record.get(side)))
+            if seen != (rank, record.get(side)):
+                raise DataError(f"{where}: reply {mid} has rank {rank} here, {seen[0]} before "
+                                "(or other content)")  # fmt: skip
+    out = []
+    for (tree, _), group in groups.items():
+        mids = sorted(group["replies"], key=lambda mid: group["replies"][mid][0])  # stable
+        ranks, responses = zip(*(group["replies"][mid] for mid in mids))
+        meta = {"message_tree_id": tree, "message_ids": mids, "first_record": group["first"]}
+        out.append({"prompt": group["prompt"], "responses": list(responses),
+                    "ranks": list(ranks), "meta": meta})  # fmt: skip
+    return out
+
+
+def parse_preference_sources(spec: str, data_root: str = "") -> list[SourceSpec]:
+    """`sources.parse_sources`, restricted to `jsonl:GLOB[#rankings][@WEIGHT]` entries.
+
+    Raises:
+      DataError: as `parse_sources`, another kind, or a `#field` other than `#rankings`.
+    """
+    specs = sources.parse_sources(spec, data_root)
+    for s in specs:
+        if s.kind != "jsonl":
+            raise DataError(f"preference source {s.text!r}: kind {s.kind!r}; expected jsonl:GLOB")
+        if "#" in s.text and s.field != RANKINGS_FIELD:
+            raise DataError(f"preference source {s.text!r}: the only '#' option is '#rankings'")
+    return specs
+
+
+def _read_source(spec: SourceSpec, stats: PreferenceStats) -> list[dict]:
+    counts: collections.Counter = collections.Counter()
+    records, wheres = [], []
+    for path in sources.resolve_files(spec):
+        for lineno, record in chat.read_records(path, counts):
+            records.append(record)
+            wheres.append(f"{path}:{lineno}")
+    stats.files += counts["files"]
+    stats.blank_lines += counts["blank_lines"]
+    stats.records += len(records)
+    if "#" not in spec.text:  # `parse_preference_sources` allows only `#rankings`
+        groups = (_record_group(r, w, stats) for r, w in zip(records, wheres))
+        return [g for g in groups if g is not None]
+    fmt = "rankings_from_pairs"
+    stats.formats[fmt] = stats.formats.get(fmt, 0) + len(records)
+    out = []
+    for r in build_rankings(records, wheres):
+        where = wheres[r["meta"]["first_record"]]
+        group = _normalize(r["prompt"], r["responses"], r["ranks"], None, where, stats)
+        out += [group] if group is not None else []
+    return out
+
+
+def load_groups(spec: str, data_root: str = "", stats: PreferenceStats | None = None) -> list[dict]:
+    """Reads the normalized groups of a mixture string (all entries in order; weights ignored).
+
+    Args:
+      spec: `jsonl:GLOB[#rankings][@WEIGHT]` entries joined by `;`; `{data_root}` is replaced.
+      stats: Updated in place: files, records, formats, flagged/merged records, groups, skips.
+
+    Returns:
+      `{"prompt": messages ending on a user turn, "responses": [messages starting with an
+      assistant turn], "ranks": [int] (ascending), "margin": float | None}` per kept group.
+
+    Raises:
+      DataError: a bad spec, a glob matching nothing, an empty file, or a bad record (file:line).
+    """
+    stats = stats if stats is not None else PreferenceStats()
+    return [g for s in parse_preference_sources(spec, data_root) for g in _read_source(s, stats)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering, cache, fitting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """Rendered groups of one source: `G` groups, `S` responses.
+
+    Group `g`'s prompt (`template.prompt`) is `prompt_tokens[prompt_starts[g]:prompt_starts[g+1]]`
+    and its responses are `group_starts[g] ... group_starts[g+1] - 1`; response `s` is
+    `response_tokens[response_starts[s]:response_starts[s+1]]`, `target_mask` (same slice) 1 where
+    a token is scored. Tokens int32, starts int64 (`[G+1]`, `[S+1]`), `target_mask` float32,
+    `ranks` `[S]` int32, `margins` `[G]` float32 (NaN when absent); `stats` of reading them.
+    """
+
+    prompt_tokens: np.ndarray
+    prompt_starts: np.ndarray
+    response_tokens: np.ndarray
+    response_starts: np.ndarray
+    target_mask: np.ndarray
+    group_starts: np.ndarray
+    ranks: np.ndarray
+    margins: np.ndarray
+    stats: PreferenceStats
+
+    ARRAYS = ("prompt_tokens", "prompt_starts", "response_tokens", "response_starts",
+              "target_mask", "group_starts", "ranks", "margins")  # fmt: skip
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_starts) - 1
+
+
+def _starts(lengths: Sequence[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def render_groups(
+    groups: Sequence[dict], template: chat.ChatTemplate, stats: PreferenceStats | None = None
+) -> Groups:
+    """Renders normalized groups (module docstring, point 3), untruncated.
+
+    Raises:
+      chat.ChatError: an invalid conversation, or a template whose training render does not start
+        with its generation prompt (the `ChatTemplate.prompt` contract).
+    """
+    rendered = template.render_batch([g["prompt"] + r for g in groups for r in g["responses"]])
+    eos = template.tokenizer.eos_id
+    prompts, responses, masks, k = [], [], [], 0
+    for g in groups:
+        prompt = np.asarray(template.prompt(g["prompt"]), np.int32)
+        prompts.append(prompt)
+        for _ in g["responses"]:
+            tokens, mask = rendered[k]
+            k += 1
+            end = len(tokens) - int(len(tokens) > 0 and tokens[-1] == eos)
+            if not np.array_equal(tokens[: len(prompt)], prompt) or end <= len(prompt):
+                raise chat.ChatError("the training render does not extend the generation prompt")
+            responses.append(tokens[len(prompt) : end])
+            masks.append(mask[len(prompt) : end])
+    margins = [np.nan if g["margin"] is None else g["margin"] for g in groups]
+    return Groups(
+        prompt_tokens=sft._cat(prompts, np.int32),
+        prompt_starts=_starts([len(p) for p in prompts]),
+        response_tokens=sft._cat(responses, np.int32),
+        response_starts=_starts([len(r) for r in responses]),
+        target_mask=sft._cat(masks, np.float32),
+        group_starts=_starts([len(g["responses"]) for g in groups]),
+        ranks=sft._cat([g["ranks"] for g in groups], np.int32),
+        margins=np.asarray(margins, np.float32).reshape(-1),
+        stats=stats if stats is not None else PreferenceStats(),
+    )
+
+
+def source_groups(
+    spec: SourceSpec, template: chat.ChatTemplate, cache_dir: str | os.PathLike = ""
+) -> Groups:
+    """Reads and renders one source (untruncated), through `cache_dir/<key>.npz` when set.
+
+    Raises:
+      DataError: as `load_groups`.
+    """
+    payload = {"format": _CACHE_FORMAT, "kind": "preference", "source": sources.fingerprint(spec),
+               "tokenizer": template.tokenizer.fingerprint, "template": template.fingerprint}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    path = pathlib.Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in Groups.ARRAYS}
+            stats = PreferenceStats(**json.loads(str(f["stats"])))
+        logger.info("preference cache hit %s for %r: %d groups", path, spec.text, stats.groups)
+        return Groups(stats=stats, **arrays)
+    stats = PreferenceStats()
+    groups = render_groups(_read_source(spec, stats), template, stats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        arrays = {k: getattr(groups, k) for k in Groups.ARRAYS}
+        np.savez(tmp, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
+        os.replace(tmp, path)  # atomic; a concurrent writer's entry is identical
+    return groups
+
+
+def fit_groups(
+    groups: Groups, seq_len: int, truncation: str, max_responses: int
+) -> tuple[np.ndarray, np.ndarray, PreferenceStats]:
+    """Chooses the groups that fit and their prompt cuts (module docstring, point 4).
+
+    Returns:
+      `(ids [G'] int64, cuts [G'] int64, stats)`: the kept groups in order, and per kept group the
+      number of prompt tokens removed after the first one; `stats` gains `examples`, `truncated`,
+      `dropped_long`, `dropped_response_too_long`, `dropped_too_many_responses`.
+
+    Raises:
+      DataError: an unknown `truncation`.
+    """
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"data.truncation={truncation!r}; expected one of {TRUNCATIONS}")
+    stats = dataclasses.replace(groups.stats, formats=dict(groups.stats.formats))
+    prompt_lens = np.diff(groups.prompt_starts)
+    response_lens = np.diff(groups.response_starts)
+    ids, cuts = [], []
+    for g in range(groups.num_groups):
+        a, b = groups.group_starts[g], groups.group_starts[g + 1]
+        longest = int(prompt_lens[g] + response_lens[a:b].max())
+        cut = max(longest - seq_len, 0)
+        if b - a > max_responses:
+            stats.dropped_too_many_responses += 1
+        elif cut and truncation == "drop":
+            stats.dropped_long += 1
+        elif cut > prompt_lens[g] - 2:  # keep bos + at least one prompt token
+            stats.dropped_response_too_long += 1
+        else:
+            ids.append(g)
+            cuts.append(cut)
+            stats.truncated += bool(cut)
+    stats.examples = len(ids)
+    return np.asarray(ids, np.int64), np.asarray(cuts, np.int64), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+
+class PreferenceGroups(grain.MapDataset):
+    """Fitted groups as model-input dicts (module docstring, point 6, without the batch axis).
+
+    With `seed` set the dataset is infinite (epochs as in point 5); without, it is the finite
+    eval split in order.
+    """
+
+    def __init__(self, parts: Sequence[Groups], fitted: Sequence[tuple], seq_len: int,
+                 max_responses: int, *, seed: int | None = None,
+                 weights: Sequence[float] | None = None):
+        """`parts`: rendered groups per source; `fitted`: per source, `(ids, cuts)` of
+        `fit_groups`; `weights`: mixture weights per source, or None.
+
+        Raises:
+          DataError: no groups, or weights that give an empty epoch.
+        """  # fmt: skip
+        super().__init__()
+        self._parts, self._sizes = list(parts), [len(ids) for ids, *_ in fitted]
+        self._part = np.repeat(np.arange(len(self._sizes)), self._sizes)
+        self._ids = sft._cat([ids for ids, *_ in fitted], np.int64)
+        self._cuts = sft._cat([cuts for _, cuts, *_ in fitted], np.int64)
+        self.seq_len, self.max_responses = int(seq_len), int(max_responses)
+        if not len(self._ids):
+            raise DataError("no preference groups (after skips and truncation)")
+        self._seed, self._weights = seed, None if weights is None else list(weights)
+        counts = self._sizes if weights is None else sft.mixture_counts(self._sizes, weights)
+        self.epoch_length = sum(counts)
+        if not self.epoch_length:
+            raise DataError(f"mixture sizes {self._sizes} with weights {weights} give no groups")
+
+    def epoch(self, e: int) -> np.ndarray:
+        """`[epoch_length]` int64 positions into `ids` of train epoch `e`, in order."""
+        weights = None if self._weights is None else tuple(self._weights)
+        return _epoch_order(tuple(self._sizes), weights, self._seed, e)
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._seed is not None else len(self._ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if self._seed is None:
+            return self.row(int(index) % len(self))
+        e, j = divmod(int(index), self.epoch_length)
+        return self.row(int(self.epoch(e)[j]))
+
+    def row(self, k: int) -> dict[str, np.ndarray]:
+        """Kept group `k` (in `ids` order) as a dict of `[K, L]`, `[K]` and `[]` arrays."""
+        g, cut = int(self._ids[k]), int(self._cuts[k])
+        K, L, G = self.max_responses, self.seq_len, self._parts[self._part[k]]
+        out = {key: np.zeros((K, L), np.int32)
+               for key in ("inputs", "targets", "positions", "segment_ids")}  # fmt: skip
+        out["loss_mask"] = np.zeros((K, L), np.float32)
+        out["lengths"], out["ranks"] = np.zeros(K, np.int32), np.zeros(K, np.int32)
+        out["response_mask"] = np.zeros(K, np.float32)
+        prompt = G.prompt_tokens[G.prompt_starts[g] : G.prompt_starts[g + 1]]
+        prompt = np.concatenate([prompt[:1], prompt[1 + cut :]])
+        for slot, s in enumerate(range(G.group_starts[g], G.group_starts[g + 1])):
+            a, b = G.response_starts[s], G.response_starts[s + 1]
+            tokens = np.concatenate([prompt, G.response_tokens[a:b]])
+            scored = np.concatenate([np.zeros(len(prompt), np.float32), G.target_mask[a:b]])
+            n = len(tokens)
+            out["inputs"][slot, :n] = tokens
+            out["targets"][slot, : n - 1] = tokens[1:]
+            out["positions"][slot, :n] = np.arange(n)
+            out["segment_ids"][slot, :n] = 1
+            out["loss_mask"][slot, : n - 1] = scored[1:]
+            out["lengths"][slot], out["ranks"][slot] = n, G.ranks[s]
+            out["response_mask"][slot] = 1.0
+        margin = float(G.margins[g])
+        out["has_margin"] = np.asarray(not math.isnan(margin), np.float32)
+        out["margin"] = np.asarray(0.0 if math.isnan(margin) else margin, np.float32)
+        return out
+
+    def __str__(self) -> str:
+        return (f"PreferenceGroups(groups={len(self._ids)}, seq_len={self.seq_len}, "
+                f"K={self.max_responses}, seed={self._seed}, weights={self._weights})")  # fmt: skip
+
+
+def preference_dataset(
+    data_config: ml_collections.ConfigDict, tokenizer, *, split: str, global_batch_size: int,
+    seed: int, cache_dir: str | os.PathLike = "", data_root: str = "", process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:  # fmt: skip
+    """The preference dataset of this process: batches of groups (module docstring).
+
+    Args:
+      data_config: The `data` section (`default_config()`).
+      tokenizer: A `jaxllm.data.tokenizer.Tokenizer` with the role markers.
+      split: "train" (`data_config.sources`; infinite, mixed and shuffled by `seed`) or "eval"
+        (`data_config.eval_sources`, weights ignored; finite, in order, zero-padded last batch).
+      global_batch_size: Groups per global batch, B.
+      seed: Data-order seed (train).
+      cache_dir: Render cache directory; "" = no cache.
+      data_root: Replaces `{data_root}` in source specs.
+      process_index, process_count: This process p of P; B % P == 0.
+
+    Returns:
+      A `grain.MapDataset` whose element `s` is this process's slice of global batch `s` (module
+      docstring, point 6, with b = B / P); `len()` is `sys.maxsize` for train, else the batches.
+
+    Raises:
+      DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
+        batch layout, seq_len < 1, or no groups left (or a weighted source left empty).
+    """
+    seq_len, truncation = int(data_config.seq_len), str(data_config.truncation)
+    max_responses = int(data_config.max_responses)
+    problems = [
+        split not in SPLITS and f"split={split!r} (expected one of {SPLITS})",
+        truncation not in TRUNCATIONS and f"data.truncation={truncation!r} ({TRUNCATIONS})",
+        seq_len < 1 and f"data.seq_len={seq_len} < 1",
+        max_responses < 2 and f"data.max_responses={max_responses} < 2",
+        not (global_batch_size >= 1 and 0 <= process_index < process_count
+             and global_batch_size % process_count == 0)
+        and f"batch layout B={global_batch_size}, p={process_index}, P={process_count} (B % P "
+        "must be 0)",
+    ]  # fmt: skip
+    if any(problems):
+        raise DataError("preference_dataset: bad " + "; ".join(p for p in problems if p))
+    template = chat.ChatTemplate(tokenizer)
+    specs = parse_preference_sources(
+        data_config.sources if split == "train" else data_config.eval_sources, data_root
+    )
+    parts = [source_groups(s, template, cache_dir) for s in specs]
+    fitted = [fit_groups(part, seq_len, truncation, max_responses) for part in parts]
+    for s, (ids, _, st) in zip(specs, fitted):
+        logger.info("preference %s source %r (seq_len=%d, max_responses=%d, truncation=%s): "
+                    "%s", split, s.text, seq_len, max_responses, truncation,
+                    ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(st).items()))  # fmt: skip
+        if split == "train" and s.weight is not None and not len(ids):
+            raise DataError(f"preference source {s.text!r} has no groups left after fitting")
+    if split == "eval":
+        ds = PreferenceGroups(parts, fitted, seq_len, max_responses)
+        ds = lm._PadToMultiple(ds, global_batch_size)
+    else:
+        weights = None if specs[0].weight is None else [s.weight for s in specs]
+        ds = PreferenceGroups(parts, fitted, seq_len, max_responses, seed=seed, weights=weights)
+    local = lm._ProcessSlice(ds, global_batch_size, process_index, process_count)
+    return local.batch(global_batch_size // process_count)
