@@ -111,6 +111,27 @@ def attention_mask(segment_ids: jax.Array, *, causal: bool = True) -> jax.Array:
     return same[:, None, :, :]
 
 
+def cached_attention_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array, index: jax.Array) -> jax.Array:
+    """Boolean mask `[batch, 1, length, max_len]` of new tokens over the slots of a KV cache.
+
+    The new tokens occupy cache slots `index .. index + length - 1` (already written into
+    `cache_segment_ids`). Query `i` may attend to slot `j` when `j <= index + i` (slots are in time
+    order, so this is the causal mask) and the slot holds the query's segment. Empty slots and
+    padding hold segment 0, which no real token has; a padding query sees at least its own slot.
+    Over the same token layout this is exactly `attention_mask(causal=True)`, restricted to the
+    slots written so far.
+
+    Args:
+      segment_ids: `[batch, length]` int segments of the new tokens; 0 marks padding.
+      cache_segment_ids: `[batch, max_len]` int segments of every cache slot (0: empty or padding).
+      index: scalar int, the slot of the first new token.
+    """
+    length, max_len = segment_ids.shape[1], cache_segment_ids.shape[1]
+    visible = jnp.arange(max_len)[None, :] <= index + jnp.arange(length)[:, None]  # [length, max_len]
+    same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
+    return (same & visible[None])[:, None, :, :]
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,

@@ -8,7 +8,10 @@ Weights use Hugging Face's layout up to a transpose and reshape (never a permuta
 `q_proj [embed, heads, head_dim]` is HF's `q_proj.weight.T` reshaped, and so on, so checkpoint
 conversion is a rename.
 
-The model is pure: `init(config, rng) -> params`, `apply(config, params, ...) -> logits`.
+The model is pure: `init(config, rng) -> params`, `apply(config, params, ...) -> logits`. Decoding
+uses an explicit KV cache that goes in and comes out: `init_cache(...) -> cache`,
+`decode(config, params, ..., cache) -> (logits, cache)` (see `init_cache` for its layout). The
+training path (`apply`) does not touch any cache code.
 """
 
 from __future__ import annotations
@@ -152,14 +155,24 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")  # logical axes of a cached k or v
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings on flattened tokens."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """`x` `[batch * length, embed]` -> `[batch * length, embed]`; `cos, sin` `[batch, length, head_dim]`."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: dict | None = None, cache_index: jax.Array | None = None):
+        """`x` `[batch * length, embed]` -> (`[batch * length, embed]`, updated `cache` or None).
+
+        `cos, sin` `[batch, length, head_dim]`. With a `cache` (`{"k", "v"}`, each `[batch, max_len,
+        kv_heads, head_dim]`), the rotated keys and values of the new tokens are written at slot
+        `cache_index` and the queries attend over all cache slots under `mask` `[batch, 1, length,
+        max_len]`; without one, over the `length` new tokens (the training path).
+        """
         cfg = self.config
         batch, length = cos.shape[:2]
         std = cfg.init_std
@@ -182,12 +195,22 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(layers.apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(layers.apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        out = layers.dot_product_attention(q, k, v, mask, cfg.attention_impl)
+        impl = cfg.attention_impl
+        if cache is not None:
+            k, v = (nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, cache_index, 0, 0)),
+                KV_AXES) for name, new in (("k", k), ("v", v)))
+            cache = {"k": k, "v": v}
+            k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
+            # XLA's attention for cached decoding: the fused cuDNN kernel targets training shapes, and a
+            # one-token query over a long, mostly masked cache is untested with it here (no GPU in CI).
+            impl = "xla" if impl == "cudnn" else impl
+        out = layers.dot_product_attention(q, k, v, mask, impl)
         out = out.reshape(batch * length, cfg.num_heads, cfg.head_dim)
         o_kernel = layers.param_with_axes(
             self, "o_proj", _normal(std / (2 * cfg.num_layers) ** 0.5),
             (cfg.num_heads, cfg.head_dim, cfg.embed_dim), ("heads", "head_dim", "embed"), cfg.param_dtype)
-        return jnp.einsum("tnh,nhe->te", out, o_kernel.astype(cfg.dtype))
+        return jnp.einsum("tnh,nhe->te", out, o_kernel.astype(cfg.dtype)), cache
 
 
 class MLP(nn.Module):
@@ -216,28 +239,35 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        """`x` `[batch * length, embed]`; returns the same (plus `None` as scan output)."""
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """`x` `[batch * length, embed]`; returns the same and this layer's updated cache (or None).
+
+        The cache is the scan output when layers are scanned (stacked on a leading layers axis).
+        """
         cfg = self.config
         norm = lambda name: layers.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        h = x + Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin, mask)
+        attn_out, cache = Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin, mask, cache, cache_index)
+        h = x + attn_out
         h = nn.with_logical_constraint(h, ("batch", "act_embed"))
         out = h + MLP(cfg, name="mlp")(norm("mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "act_embed"))
-        return out, None
+        return out, cache
 
 
 class Decoder(nn.Module):
     """The full decoder: embedding, `num_layers` blocks, final norm, LM head.
 
     Call with `inputs`, `positions`, `segment_ids`, each `[batch, length]` int32; returns logits
-    `[batch, length, vocab]` in float32.
+    `[batch, length, vocab]` in float32. With a `cache` (see `init_cache`) the tokens are appended to
+    it and `(logits, cache)` is returned; `last_logits_only` then computes logits `[batch, 1, vocab]`
+    of the last token only (the LM head over a whole prompt is wasted work when sampling).
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: dict | None = None, last_logits_only: bool = False):
         cfg = self.config
         batch, length = inputs.shape
         embedding = layers.param_with_axes(
@@ -246,6 +276,11 @@ class Decoder(nn.Module):
         x = jnp.take(embedding, inputs.reshape(-1), axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "act_embed"))
         cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        if cache is not None:
+            x, cache = self._cached_layers(x, cos, sin, segment_ids, cache)
+            if last_logits_only:
+                x, length = x.reshape(batch, length, cfg.embed_dim)[:, -1], 1
+            return self._head(x, embedding, batch, length), cache
         mask = layers.attention_mask(segment_ids, causal=True)
 
         block = DecoderLayer
@@ -264,7 +299,34 @@ class Decoder(nn.Module):
         else:
             for i in range(cfg.num_layers):
                 x, _ = block(cfg, name=f"layers_{i}")(x, cos, sin, mask)
+        return self._head(x, embedding, batch, length)
 
+    def _cached_layers(self, x, cos, sin, segment_ids, cache):
+        """The blocks over the new tokens `x` with the KV `cache`; returns `(x, updated cache)`."""
+        cfg = self.config
+        index = cache["index"]
+        cache_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
+        mask = layers.cached_attention_mask(segment_ids, cache_segment_ids, index)
+        new = {"segment_ids": cache_segment_ids, "index": index + segment_ids.shape[1]}
+        # No remat: nothing is differentiated while decoding (module names, hence params, match).
+        if cfg.scan_layers:
+            x, new["layers"] = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")(x, cos, sin, mask, cache["layers"], index)
+        else:
+            for i in range(cfg.num_layers):
+                x, new[f"layers_{i}"] = DecoderLayer(cfg, name=f"layers_{i}")(
+                    x, cos, sin, mask, cache[f"layers_{i}"], index)
+        return x, new
+
+    def _head(self, x, embedding, batch, length):
+        """Final norm and LM head: `x` `[batch * length, embed]` -> float32 `[batch, length, vocab]`."""
+        cfg = self.config
         x = layers.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = x @ embedding.astype(cfg.dtype).T
@@ -290,6 +352,77 @@ def apply(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array,
           segment_ids: jax.Array) -> jax.Array:
     """Logits `[batch, length, vocab]` float32 for int32 `inputs, positions, segment_ids` `[batch, length]`."""
     return Decoder(config).apply({"params": params}, inputs, positions, segment_ids)
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None) -> dict:
+    """An empty KV cache for `decode`: a plain pytree that goes in and comes out explicitly.
+
+    Layout (slot `j` of a row is the `j`-th token fed to `decode` for that row, in time order):
+      - `"layers_{i}": {"k", "v"}` per layer, each `[batch, max_len, kv_heads, head_dim]`: rotated
+        keys and values; with `scan_layers`, one `"layers": {"k", "v"}` entry stacked on a leading
+        `[num_layers, ...]` axis, mirroring the parameters.
+      - `"segment_ids"`: `[batch, max_len]` int32 segment of each slot; 0 = empty or padding, which
+        no real token attends to. Masks come from these, never from token ids.
+      - `"index"`: scalar int32, the next slot to write (shared by all rows).
+    Positions are not stored: keys carry theirs in the rotary embedding, and `decode` takes the
+    positions of new tokens explicitly, so padding anywhere in a row (left or right) is just
+    segment-0 slots.
+
+    Entries carry logical axis constraints (`batch, length, act_kv_heads, head_dim`, plus `layers`);
+    under `jaxllm.sharding.activate` the cache shards batch over ('data', 'fsdp') and kv heads over
+    'tensor'. See `cache_logical_axes` for `out_shardings`.
+
+    Args:
+      config: the model.
+      batch_size: rows.
+      max_len: slots per row (tokens of prompt and generation that will be fed).
+      dtype: of k and v; default `config.dtype`.
+    """
+    dtype = dtype or config.dtype
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    axes = cache_logical_axes(config)
+    if config.scan_layers:
+        shape = (config.num_layers, *shape)
+    kv = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"layers": kv()} if config.scan_layers else {f"layers_{i}": kv() for i in range(config.num_layers)}
+    cache["segment_ids"] = jnp.zeros((batch_size, max_len), jnp.int32)
+    cache["index"] = jnp.zeros((), jnp.int32)
+    return nn.with_logical_constraint(cache, axes)
+
+
+def cache_logical_axes(config: LlamaConfig) -> dict:
+    """Logical `PartitionSpec`s of the entries of `init_cache(config, ...)`, same tree structure."""
+    kv_axes = (("layers",) if config.scan_layers else ()) + KV_AXES
+    kv = {"k": jax.sharding.PartitionSpec(*kv_axes), "v": jax.sharding.PartitionSpec(*kv_axes)}
+    axes = {"layers": kv} if config.scan_layers else {f"layers_{i}": kv for i in range(config.num_layers)}
+    axes["segment_ids"] = jax.sharding.PartitionSpec("batch", "length")
+    axes["index"] = jax.sharding.PartitionSpec()
+    return axes
+
+
+def decode(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+           cache: dict, *, last_logits_only: bool = False) -> tuple[jax.Array, dict]:
+    """Feeds `length` new tokens per row through the model with a KV cache (prefill or one step).
+
+    The tokens go to cache slots `cache["index"] .. + length - 1`; each attends to the earlier slots
+    of its own segment (see `layers.cached_attention_mask`). Feeding a sequence in any number of
+    chunks gives the logits `apply` gives for the whole sequence (same positions and segment ids),
+    up to float reassociation.
+
+    Args:
+      config: the model.
+      params: unboxed parameters of `init(config, ...)`.
+      inputs, positions, segment_ids: `[batch, length]` int32 new tokens, their positions
+        (continuing each row's real tokens) and segments (0 = padding).
+      cache: from `init_cache` or a previous `decode`. Needs `index + length <= max_len`; this is not
+        checked inside jit, where `dynamic_update_slice` would clamp the write onto the last slots.
+      last_logits_only: return logits of the last new token only.
+
+    Returns:
+      `(logits, cache)`: float32 `[batch, length or 1, vocab]` and the cache with the new slots and
+      `index` advanced by `length`.
+    """
+    return Decoder(config).apply({"params": params}, inputs, positions, segment_ids, cache, last_logits_only)
 
 
 def count_params(config: LlamaConfig, *, embeddings: bool = True) -> int:
