@@ -4,6 +4,8 @@ Commands:
   tokenizer   train (or load) the run's SentencePiece tokenizer
   pretrain    causal-LM pretraining (trains the tokenizer first if the run has none)
   sft         supervised fine-tuning on conversations, from the run's pretrain params
+  reward      reward model on preference pairs or ranked groups, from the SFT params
+  dpo         direct preference optimisation from the SFT params (reference = SFT)
   compile     ahead-of-time fitting: `jaxllm compile --config ... --topology v5p:4x4x4 [--suggest]`
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
 
@@ -19,7 +21,8 @@ import os
 import sys
 from typing import Sequence
 
-STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft"}
+STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
+          "dpo": "jaxllm.train.dpo"}
 COMMANDS = ("tokenizer", *STAGES, "sample", "compile")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 

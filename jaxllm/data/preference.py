@@ -40,7 +40,10 @@
    `inputs`, `targets`, `positions`, `segment_ids` `[b, K, L]` int32 (`inputs[:n] = tokens`,
    `targets[:n-1] = tokens[1:]`, `positions[:n] = 0..n-1`, `segment_ids[:n] = 1`); `loss_mask`
    `[b, K, L]` float32 (1 where the target is a scored token); `lengths`, `ranks` `[b, K]` int32;
-   `response_mask` `[b, K]`, `margin` and `has_margin` `[b]` float32 (margin 0 when absent).
+   `response_mask` `[b, K]`, `margin` and `has_margin` `[b]` float32 (margin 0 when absent);
+   `group_index` `[b]` int32, the group's position among the kept groups of the source set (the
+   same in the train and eval views of the same sources; DPO keys its cached reference log-probs
+   by it).
 """
 
 from __future__ import annotations
@@ -576,6 +579,7 @@ class PreferenceGroups(grain.MapDataset):
             out["loss_mask"][slot, : n - 1] = scored[1:]
             out["lengths"][slot], out["ranks"][slot] = n, G.ranks[s]
             out["response_mask"][slot] = 1.0
+        out["group_index"] = np.asarray(k, np.int32)  # stable id of the group within this source set
         margin = float(G.margins[g])
         out["has_margin"] = np.asarray(not math.isnan(margin), np.float32)
         out["margin"] = np.asarray(0.0 if math.isnan(margin) else margin, np.float32)

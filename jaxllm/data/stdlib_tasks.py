@@ -74,7 +74,7 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
       seed: seeds the pairing of rejected bodies and the order of examples.
       max_body_chars: functions with longer bodies are left out (they would not fit small models).
       min_body_lines: functions with shorter bodies are left out.
-      max_examples: cap per split (0 = all).
+      max_examples: cap on the train split (0 = all); the held-out split is always whole.
     """
     out = pathlib.Path(out_dir)
     sizes: dict[str, int] = {}
@@ -82,7 +82,7 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
         funcs = sorted(_functions(split, max_body_chars, min_body_lines), key=lambda f: f["id"])
         rng = random.Random(f"{seed}:{split}")
         rng.shuffle(funcs)
-        if max_examples:
+        if max_examples and split == "train":
             funcs = funcs[:max_examples]
         by_length = sorted(range(len(funcs)), key=lambda i: len(funcs[i]["body"]))
         rank = {i: r for r, i in enumerate(by_length)}

@@ -254,8 +254,14 @@ class DecoderLayer(nn.Module):
         return out, cache
 
 
+HEADS = ("lm", "scalar")
+
+
 class Decoder(nn.Module):
     """The full decoder: embedding, `num_layers` blocks, final norm, LM head.
+
+    With `head="scalar"` the LM head is replaced by a `[embed, 1]` `score_head` (reward and value
+    models) and the output is `[batch, length]` float32 scores.
 
     Call with `inputs`, `positions`, `segment_ids`, each `[batch, length]` int32; returns logits
     `[batch, length, vocab]` in float32. With a `cache` (see `init_cache`) the tokens are appended to
@@ -264,6 +270,7 @@ class Decoder(nn.Module):
     """
 
     config: LlamaConfig
+    head: str = "lm"
 
     @nn.compact
     def __call__(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -328,6 +335,12 @@ class Decoder(nn.Module):
         """Final norm and LM head: `x` `[batch * length, embed]` -> float32 `[batch, length, vocab]`."""
         cfg = self.config
         x = layers.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        if self.head == "scalar":
+            # Initialised small so first rewards/values are ~0 and the backbone's features lead.
+            score = layers.param_with_axes(
+                self, "score_head", _normal(cfg.init_std / cfg.embed_dim ** 0.5), (cfg.embed_dim, 1),
+                ("embed", "score"), cfg.param_dtype)
+            return (x @ score.astype(cfg.dtype)).astype(jnp.float32).reshape(batch, length)
         if cfg.tie_embeddings:
             logits = x @ embedding.astype(cfg.dtype).T
         else:
@@ -339,19 +352,21 @@ class Decoder(nn.Module):
         return logits.astype(jnp.float32).reshape(batch, length, cfg.vocab_size)
 
 
-def init(config: LlamaConfig, rng: jax.Array, batch_size: int = 1, length: int = 8):
+def init(config: LlamaConfig, rng: jax.Array, batch_size: int = 1, length: int = 8, head: str = "lm"):
     """Initial parameters, boxed with their logical axis names (`nn.LogicallyPartitioned`).
 
     Use `flax.linen.unbox` (or `jax.jit` with the shardings from `jaxllm.sharding`) to get arrays.
+    `head="scalar"` gives the reward/value model (`score_head` instead of `lm_head`).
     """
     ids = jnp.zeros((batch_size, length), jnp.int32)
-    return Decoder(config).init(rng, ids, ids, ids + 1)["params"]
+    return Decoder(config, head=head).init(rng, ids, ids, ids + 1)["params"]
 
 
 def apply(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array,
-          segment_ids: jax.Array) -> jax.Array:
-    """Logits `[batch, length, vocab]` float32 for int32 `inputs, positions, segment_ids` `[batch, length]`."""
-    return Decoder(config).apply({"params": params}, inputs, positions, segment_ids)
+          segment_ids: jax.Array, head: str = "lm") -> jax.Array:
+    """Logits `[batch, length, vocab]` float32 (or scores `[batch, length]` with `head="scalar"`)
+    for int32 `inputs, positions, segment_ids` `[batch, length]`."""
+    return Decoder(config, head=head).apply({"params": params}, inputs, positions, segment_ids)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None) -> dict:

@@ -85,8 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5_v1_1_large": dict(vocab_size=32128, embed_dim=1024, mlp_dim=2816, num_encoder_layers=24,
                           num_decoder_layers=24, num_heads=16, head_dim=64),
     # CPU size (2 cores).
-    "tiny": dict(embed_dim=256, mlp_dim=512, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-                 head_dim=64),
+    "tiny": dict(embed_dim=128, mlp_dim=384, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
+                 head_dim=32),
 }
 
 
@@ -172,14 +172,9 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
 def attention(query, key, value, bias, mask, dropout: nn.Module, deterministic: bool) -> jax.Array:
     """T5 attention: `softmax(q k^T + bias)` (no `1/sqrt(d)`), masked, with dropout on the weights.
 
-    Args:
-      query: `[batch, q_len, heads, head_dim]`; key, value: `[batch, kv_len, heads, head_dim]`.
-      bias: `[batch, heads, q_len, kv_len]` float or None.
-      mask: bool broadcastable to `[batch, heads, q_len, kv_len]`; True = may attend.
-      dropout: an `nn.Dropout` applied to the weights unless `deterministic`.
-
-    Returns:
-      `[batch, q_len, heads, head_dim]` in `query.dtype`; logits and softmax in float32.
+    `query` `[batch, q_len, heads, head_dim]`, `key, value` `[batch, kv_len, heads, head_dim]`, `bias`
+    `[batch, heads, q_len, kv_len]` or None, bool `mask` broadcastable to it (True = may attend).
+    Returns `[batch, q_len, heads, head_dim]`; logits and softmax in float32.
     """
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -485,12 +480,8 @@ def init_cache(config: T5Config, params, encoded: jax.Array, encoder_segment_ids
     slot (segment 0 = empty or padding); `"encoder_segment_ids"` `[batch, enc_length]`; `"index"`
     scalar int32, the next slot. Keys carry logical axes `KV_AXES`.
 
-    Args:
-      config, params: the model.
-      encoded: `encode(...)` output `[batch, enc_length, embed]`.
-      encoder_segment_ids: `[batch, enc_length]` int32 (0 = padding).
-      max_len: decoder slots.
-      dtype: of the cached keys and values (default `config.dtype`).
+    Args: `encoded` from `encode` `[batch, enc_length, embed]`, its `encoder_segment_ids`, `max_len`
+    decoder slots, `dtype` of the cached keys and values (default `config.dtype`).
     """
     dtype = dtype or config.dtype
     batch = encoded.shape[0]

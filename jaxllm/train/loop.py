@@ -72,7 +72,8 @@ class Stage:
       init_params: `rng -> params` boxed with logical axes (`nn.LogicallyPartitioned`).
       loss_fn: see `LossFn`.
       train_data: the process-local training `grain.MapDataset` of `[local_batch, ...]` batches.
-      eval_data: the process-local eval dataset (finite) or None.
+      eval_data: the process-local eval dataset (finite), a `{name: dataset}` mapping evaluated
+        one by one (metrics `eval/<name>/<metric>`, plus `eval/<metric>` over all of them), or None.
       flops_per_step: model FLOPs of one optimizer step (for MFU), or 0.
       tokens_per_step: tokens processed per optimizer step (for tokens/s).
       load_params: optional `abstract_params -> params` restoring the previous stage's `params/`.
@@ -84,7 +85,7 @@ class Stage:
     init_params: Callable[[jax.Array], Any]
     loss_fn: LossFn
     train_data: grain.MapDataset
-    eval_data: grain.MapDataset | None = None
+    eval_data: grain.MapDataset | dict[str, grain.MapDataset] | None = None
     flops_per_step: float = 0.0
     tokens_per_step: int = 0
     load_params: Callable[[Any], Any] | None = None
@@ -250,10 +251,11 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.unbox(abstract_boxed), state_shardings)
 
-    batch_shard = sharding.batch_sharding(mesh, rules)
+    # Batches arrive as global arrays already sharded over the batch axes (`sharding.global_batch`);
+    # `None` keeps their shardings, whatever the rank of each field.
     train_step = jax.jit(
         make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed),
-        in_shardings=(state_shardings, batch_shard),
+        in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -262,7 +264,7 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
         loss_sum, sums = stage.loss_fn(params, batch, jax.random.key(0))
         return {"loss_sum": loss_sum, **sums}
 
-    eval_step = jax.jit(eval_fn, in_shardings=(state_shardings.params, batch_shard),
+    eval_step = jax.jit(eval_fn, in_shardings=(state_shardings.params, None),
                         out_shardings=sharding.replicated(mesh))
     init_jit = jax.jit(lambda k: nn.unbox(init_boxed(k)), out_shardings=state_shardings)
     from_params_jit = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
@@ -311,8 +313,15 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         def run_eval(state, step):
             if stage.eval_data is None:
                 return {}
-            sums = evaluate(eval_step, state.params, stage.eval_data, mesh, rules, tc.eval_batches)
-            out = {f"eval/{k}": v for k, v in summarize(sums).items()}
+            sets = stage.eval_data if isinstance(stage.eval_data, dict) else {"": stage.eval_data}
+            out, total = {}, {}
+            for name, data in sets.items():
+                sums = evaluate(eval_step, state.params, data, mesh, rules, tc.eval_batches)
+                for k, v in sums.items():
+                    total[k] = total.get(k, 0.0) + v
+                if name and len(sets) > 1:
+                    out.update({f"eval/{name}/{k}": v for k, v in summarize(sums).items()})
+            out.update({f"eval/{k}": v for k, v in summarize(total).items()})
             writer.write(step, out)
             return out
 
@@ -392,11 +401,18 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         return Result(step, state, False, eval_metrics)
 
 
-def run_stage(config: ml_collections.ConfigDict, build_stage: Callable[[ml_collections.ConfigDict, Any], Stage]) -> Result:
-    """Mesh, the run's tokenizer (trained on first use), then `run` on `build_stage(config, tokenizer)`."""
+def abstract_params(init_params: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, rules) -> Any:
+    """Shapes of `init_params(rng)`'s unboxed params as ShapeDtypeStructs carrying their shardings."""
+    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def run_stage(config: ml_collections.ConfigDict, build_stage: Callable[..., Stage]) -> Result:
+    """Mesh, the run's tokenizer (trained on first use), then `run` on `build_stage(config, tokenizer, mesh)`."""
     from jaxllm.data import tokenizer as tokenizer_lib
 
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
     tokenizer = tokenizer_lib.load_or_train(config, config.run_dir)
-    return run(config, build_stage(config, tokenizer), mesh)
+    return run(config, build_stage(config, tokenizer, mesh), mesh)

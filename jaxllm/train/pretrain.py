@@ -90,7 +90,8 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums["correct"] / count}
 
 
-def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> loop.Stage:
+def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                mesh: jax.sharding.Mesh | None = None) -> loop.Stage:
     """The pretraining `Stage`: model, data of this process, loss, FLOPs and samples."""
     resolve_vocab(config, tokenizer)
     model_config = llama.LlamaConfig.from_config(config.model)

@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = "pretrain"  # stage of RUN_DIR (or init_run_dir) whose params/ to start from; "" = random
     c.init_run_dir = ""  # "" = this run
     c.stdlib_tasks = False  # write the stdlib task sets to RUN_DIR/data/stdlib first (the embedded default)
+    c.stdlib_max_examples = 2000  # train examples per stdlib set (keep equal across the stages of a run)
     c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0)
     c.train.update(steps=300, batch_size=16, eval_every=100, log_every=10)
     c.sample.prompts = ("Write a haiku about autumn.",)
@@ -52,7 +53,8 @@ def source_stage_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
 def prepare_sources(config: ml_collections.ConfigDict) -> None:
     """Writes the stdlib task sets if `config.stdlib_tasks`, and fills `{run_dir}` in data specs."""
     if config.stdlib_tasks:
-        stdlib_tasks.build(pathlib.Path(config.run_dir) / "data" / "stdlib", seed=config.seed)
+        stdlib_tasks.build(pathlib.Path(config.run_dir) / "data" / "stdlib", seed=config.seed,
+                           max_examples=config.stdlib_max_examples)
     for key in ("sources", "eval_sources"):
         config.data[key] = config.data[key].replace("{run_dir}", str(config.run_dir))
 
@@ -78,7 +80,8 @@ def chat_sample_fn(config, tokenizer, model_config, max_context: int):
     return sample_fn
 
 
-def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> loop.Stage:
+def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                mesh: jax.sharding.Mesh | None = None) -> loop.Stage:
     """The SFT `Stage`: masked LM loss on assistant tokens, starting from the previous stage."""
     if config.init_from:
         config_lib.inherit_model_shape(config, source_stage_dir(config))

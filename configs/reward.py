@@ -1,0 +1,43 @@
+"""Reward-model runs: `jaxllm reward --config configs/reward.py:ARG` (after `jaxllm sft` in the
+same run directory).
+
+ARG is one of:
+
+- `tiny` (default): pairs from the stdlib task set (the real function body is preferred over
+  the body of a different function), after `configs/sft.py:tiny` in `runs/tiny`.
+    jaxllm reward --config configs/reward.py:tiny
+- `real`: `DATA_ROOT/preference/{hh_rlhf_harmless_base, oasst_en100_rankings,
+  gsm8k_model_solutions}` train splits; held-out accuracy on each test split.
+    jaxllm reward --config configs/reward.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
+- `real_rankings`: the same with OASST's human rankings as K-wise groups (InstructGPT's loss).
+"""
+
+from jaxllm.train import reward
+
+REAL_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions")
+
+
+def get_config(arg: str = "tiny"):
+    c = reward.default_config()
+    if arg == "tiny":
+        c.run_dir = "runs/tiny"
+        c.stdlib_tasks = True
+        c.data.sources = "jsonl:{run_dir}/data/stdlib/preference/train.jsonl"
+        c.data.eval_sources = "jsonl:{run_dir}/data/stdlib/preference/test.jsonl"
+        c.data.seq_len = 256
+        c.train.update(steps=150, batch_size=16, eval_every=50)
+        c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=15)
+    elif arg in ("real", "real_rankings"):
+        c.run_dir = "runs/shared"
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl" for name in REAL_SETS)
+        c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
+        c.data.seq_len = 512
+        c.train.update(steps=600, batch_size=16, eval_every=200, log_every=20)
+        c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=30)
+        if arg == "real_rankings":
+            c.data.max_responses = 9
+            c.data.sources = c.data.sources.replace("oasst_en100_rankings/train.jsonl",
+                                                    "oasst_en100_rankings/train.jsonl#rankings")
+    else:
+        raise KeyError(f"unknown reward config {arg!r}; expected tiny, real or real_rankings")
+    return c

@@ -1,0 +1,169 @@
+"""Direct preference optimisation (Rafailov et al. 2023; Zephyr's recipe, Tunstall et al. 2023).
+
+`jaxllm dpo --config configs/dpo.py:ARG` starts the policy from the SFT `params/`; the reference
+is the same SFT model, whose sequence log-probabilities (sum over response tokens) are computed
+once before training, cached in `RUN_DIR/dpo/reference/`, and looked up per preference group.
+Losses: sigmoid (with cDPO label smoothing), IPO, hinge (`objectives.dpo_loss`); metrics use
+TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+`logps/chosen`, `logps/rejected`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import objectives
+from jaxllm import sharding
+from jaxllm.data import lm
+from jaxllm.data import preference
+from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.models import llama
+from jaxllm.train import loop
+from jaxllm.train import pretrain
+from jaxllm.train import reward
+from jaxllm.train import sft
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A complete DPO run config."""
+    c = sft.default_config()
+    c.stage = "dpo"
+    c.init_from = "sft"
+    c.data = preference.default_config()
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"  # one of objectives.DPO_LOSSES
+    c.dpo.label_smoothing = 0.0  # cDPO
+    c.optimizer.update(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0)
+    c.train.update(steps=200, batch_size=16, eval_every=100, log_every=10)
+    return c
+
+
+def group_logps(model_config: llama.LlamaConfig, params, batch) -> jax.Array:
+    """Summed response log-probabilities `[groups, K]` of a preference batch."""
+    groups, k, length = batch["inputs"].shape
+    flat = lambda x: x.reshape(groups * k, length)  # noqa: E731
+    logits = llama.apply(model_config, params, flat(batch["inputs"]), flat(batch["positions"]),
+                         flat(batch["segment_ids"]))
+    return objectives.sequence_logprobs(logits, flat(batch["targets"]), flat(batch["loss_mask"])).reshape(groups, k)
+
+
+def dpo_loss_fn(model_config: llama.LlamaConfig, c: ml_collections.ConfigDict):
+    """`loss_fn(params, batch, rng) -> (loss_sum, sums)`; the batch carries `ref_logps` `[groups, 2]`."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logps = group_logps(model_config, params, batch)
+        ref = batch["ref_logps"]
+        pair_mask = batch["response_mask"][:, 0] * batch["response_mask"][:, 1]
+        return objectives.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=c.beta,
+                                   loss_type=c.loss_type, label_smoothing=c.label_smoothing, pair_mask=pair_mask)
+
+    return loss_fn
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Per-pair means of the loss and of TRL's DPO statistics."""
+    count = max(sums["count"], 1.0)
+    out = {"loss": sums["loss_sum"] / count}
+    out.update({k: v / count for k, v in sums.items() if "/" in k})
+    return out
+
+
+def reference_table(model_config, ref_params, data, mesh, rules, path: pathlib.Path) -> np.ndarray:
+    """Reference log-probs `[groups, K]` of every group of the finite dataset `data`, cached at `path`.
+
+    Each global batch is evaluated on the mesh and its results (and group indices) are replicated,
+    so every process holds the whole table.
+    """
+    if path.exists():
+        return np.load(path)
+    forward = jax.jit(lambda p, b: (group_logps(model_config, p, b), b["group_index"]),
+                      out_shardings=sharding.replicated(mesh))  # every process gets the whole batch
+    indices, values = [], []
+    with sharding.activate(mesh, rules):
+        for local in data:
+            batch = sharding.global_batch(local, mesh, rules)
+            logps, index, valid = jax.device_get(forward(ref_params, batch) + (batch["response_mask"],))
+            keep = np.asarray(valid).any(axis=1)  # padding groups of the last batch
+            indices.append(np.asarray(index)[keep])
+            values.append(np.asarray(logps)[keep])
+    indices, values = np.concatenate(indices), np.concatenate(values)
+    table = np.zeros((indices.max() + 1, values.shape[1]), np.float32)
+    table[indices] = values
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, table)
+        tmp.replace(path)
+    logging.info("reference log-probs of %d groups -> %s", len(indices), path)
+    return table
+
+
+def with_reference(data, table: np.ndarray):
+    """Adds `ref_logps` `[b, K]` to each batch of `data` by its `group_index`."""
+    return data.map(lambda batch: {**batch, "ref_logps": table[batch["group_index"]]})
+
+
+def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                mesh: jax.sharding.Mesh) -> loop.Stage:
+    """The DPO `Stage`; computes (or loads) the cached reference log-probs first."""
+    if config.data.max_responses != 2:
+        raise config_lib.ConfigError("DPO needs pairs: set data.max_responses=2")
+    config_lib.inherit_model_shape(config, sft.source_stage_dir(config))
+    sft.prepare_sources(config)
+    pretrain.resolve_vocab(config, tokenizer)
+    model_config = llama.LlamaConfig.from_config(config.model)
+    tc, dc, rules = config.train, config.data, config.mesh.rules
+    common = dict(seed=config.seed, cache_dir=lm.resolve_cache_dir(dc, config.run_dir), data_root=config.data_root,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batch = tc.eval_batch_size or tc.batch_size
+
+    params_dir = sft.source_stage_dir(config) / "params"
+    abstract = loop.abstract_params(lambda rng: llama.init(model_config, rng), mesh, rules)
+    ref_params = ckpt_lib.load_params(params_dir, abstract)
+    ref_dir = config_lib.stage_dir(config) / "reference"
+
+    # The train groups, in order, once: the same group indices as the shuffled train view.
+    ordered = dc.copy_and_resolve_references()
+    ordered.eval_sources = dc.sources
+    table = reference_table(model_config, ref_params, preference.preference_dataset(
+        ordered, tokenizer, split="eval", global_batch_size=eval_batch, **common), mesh, rules, ref_dir / "train.npy")
+    train_data = with_reference(preference.preference_dataset(
+        dc, tokenizer, split="train", global_batch_size=tc.batch_size, **common), table)
+    eval_data = {}
+    for spec in filter(None, dc.eval_sources.split(";")):
+        one = dc.copy_and_resolve_references()
+        one.eval_sources = spec
+        name = reward.eval_name(spec)
+        data = preference.preference_dataset(one, tokenizer, split="eval", global_batch_size=eval_batch, **common)
+        eval_data[name] = with_reference(data, reference_table(model_config, ref_params, data, mesh, rules,
+                                                               ref_dir / f"eval_{name}.npy"))
+    del ref_params
+    sequences = tc.batch_size * 2
+    return loop.Stage(
+        name=config.stage,
+        init_params=lambda rng: llama.init(model_config, rng),
+        loss_fn=dpo_loss_fn(model_config, config.dpo),
+        train_data=train_data,
+        eval_data=eval_data or None,
+        flops_per_step=llama.flops_per_token(model_config, dc.seq_len) * sequences * dc.seq_len,
+        tokens_per_step=sequences * dc.seq_len,
+        load_params=lambda abstract_params: ckpt_lib.load_params(params_dir, abstract_params),
+        summarize=summarize,
+        sample_fn=sft.chat_sample_fn(config, tokenizer, model_config, dc.seq_len) if config.sample.prompts else None,
+    )
+
+
+def run(config: ml_collections.ConfigDict) -> loop.Result:
+    """Trains the policy with DPO; returns the loop's result."""
+    return loop.run_stage(config, build_stage)
