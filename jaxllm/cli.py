@@ -6,6 +6,7 @@ Commands:
   sft         supervised fine-tuning on conversations, from the run's pretrain params
   reward      reward model on preference pairs or ranked groups, from the SFT params
   dpo         direct preference optimisation from the SFT params (reference = SFT)
+  ppo         PPO with a KL penalty (and pretraining mix) against the reward model
   compile     ahead-of-time fitting: `jaxllm compile --config ... --topology v5p:4x4x4 [--suggest]`
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
 
@@ -22,7 +23,7 @@ import sys
 from typing import Sequence
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
-          "dpo": "jaxllm.train.dpo"}
+          "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
 COMMANDS = ("tokenizer", *STAGES, "sample", "compile")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 

@@ -525,3 +525,22 @@ def beam_search(
                        jnp.asarray(pad_rows(lengths, shards)), stop_array(stop_ids), jnp.float32(alpha),
                        beam_size=int(beam_size), max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
     return BeamOutput(*(x[:batch] for x in out))
+
+
+def rollout(model_config: llama.LlamaConfig, params, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+            rng: jax.Array, *, max_new_tokens: int, temperature: float, stop_ids: Sequence[int],
+            max_context: int = 0, pad_id: int = 0) -> SampleOutput:
+    """Pure temperature sampling that can be traced inside a jitted step (PPO rollouts).
+
+    No top-k/top-p, so the sampled tokens follow the tempered policy exactly and the KL penalty
+    stays meaningful; no host-side checks or padding: `prompt_tokens` `[batch, prompt_len]` must be
+    left-padded with lengths in `[1, prompt_len]` and `batch` a multiple of the mesh's batch shards.
+    Returns `SampleOutput` as `sample`.
+    """
+    prompt_len = prompt_tokens.shape[1]
+    cache_len = prompt_len + max_new_tokens - 1
+    if max_context:
+        cache_len = min(cache_len, max_context)
+    return _sample(model_config, params, prompt_tokens, prompt_lengths, rng, stop_array(stop_ids),
+                   max_new_tokens=int(max_new_tokens), cache_len=cache_len, temperature=float(temperature),
+                   top_k=0, top_p=1.0, pad_id=int(pad_id))

@@ -6,7 +6,9 @@ standard library, so `jaxllm pipeline --config configs/pipeline.py:tiny` needs n
 - SFT: the user turn is a function's signature and docstring, the assistant turn its real body.
 - Preference pairs: the same prompt; `chosen` is the real body, `rejected` the body of a different
   function of similar length (a deterministic, seeded pairing).
-- Prompts (PPO, evaluation): signatures and docstrings of held-out functions.
+- Prompts (PPO, evaluation): signatures and docstrings of held-out functions: for training
+  (`prompts/train`), the train-file functions left out of the capped SFT and preference sets;
+  for evaluation (`prompts/test`), the functions of the held-out files.
 
 Functions come from the same train/validation split of files as `stdlib:` pretraining text
 (`sources.stdlib_split`), so held-out prompts are from files the model never saw. The sets are
@@ -74,7 +76,8 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
       seed: seeds the pairing of rejected bodies and the order of examples.
       max_body_chars: functions with longer bodies are left out (they would not fit small models).
       min_body_lines: functions with shorter bodies are left out.
-      max_examples: cap on the train split (0 = all); the held-out split is always whole.
+      max_examples: cap on the train split's SFT and preference sets (0 = all); the train
+        functions beyond it become the PPO prompts. The held-out split is always whole.
     """
     out = pathlib.Path(out_dir)
     sizes: dict[str, int] = {}
@@ -82,15 +85,17 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
         funcs = sorted(_functions(split, max_body_chars, min_body_lines), key=lambda f: f["id"])
         rng = random.Random(f"{seed}:{split}")
         rng.shuffle(funcs)
+        rl = funcs
         if max_examples and split == "train":
-            funcs = funcs[:max_examples]
+            # PPO prompts: functions the SFT and preference sets leave out (held out from them).
+            funcs, rl = funcs[:max_examples], funcs[max_examples:] or funcs
         by_length = sorted(range(len(funcs)), key=lambda i: len(funcs[i]["body"]))
         rank = {i: r for r, i in enumerate(by_length)}
-        sft, prefs, prompts = [], [], []
+        sft, prefs = [], []
+        prompts = [{"id": f["id"], "messages": _messages(f["header"])} for f in rl]
         for i, f in enumerate(funcs):
             prompt = _messages(f["header"])
             sft.append({"id": f["id"], "messages": prompt + [{"role": "assistant", "content": f["body"]}]})
-            prompts.append({"id": f["id"], "messages": prompt})
             # A different function of similar length: a neighbour in length order.
             r = rank[i]
             neighbours = [by_length[j] for j in (r - 2, r - 1, r + 1, r + 2) if 0 <= j < len(funcs)]

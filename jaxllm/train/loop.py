@@ -56,11 +56,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: `step` (int32 scalar), `params`, `opt_state`."""
+    """Everything a step changes: `step` (int32 scalar), `params`, `opt_state`, and a stage's
+    `extra` state outside the optimizer (PPO: the frozen reference and reward models and the
+    adaptive KL coefficient), checkpointed with the rest."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    extra: Any = None
 
 
 @dataclasses.dataclass
@@ -79,6 +82,11 @@ class Stage:
       load_params: optional `abstract_params -> params` restoring the previous stage's `params/`.
       summarize: `sums -> metrics` for train and eval rows (default: loss = loss_sum / count).
       sample_fn: optional `params -> list[str]` of generations printed during training.
+      make_step: optional `(tx, schedule) -> step(state, batch) -> (state, metrics)` replacing the
+        generic loss-based step (PPO's rollout-and-update iteration); metrics must include the
+        sums `summarize` reads plus `grad_norm` and `learning_rate`.
+      init_extra: optional `rng -> extra state` boxed with logical axes (for shapes and shardings).
+      load_extra: optional `abstract_extra -> extra` giving its initial values.
     """
 
     name: str
@@ -91,6 +99,9 @@ class Stage:
     load_params: Callable[[Any], Any] | None = None
     summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
     sample_fn: Callable[[Any], list[str]] | None = None
+    make_step: Callable[[optax.GradientTransformation, optax.Schedule], Callable] | None = None
+    init_extra: Callable[[jax.Array], Any] | None = None
+    load_extra: Callable[[Any], Any] | None = None
 
 
 def microbatches(batch: Batch, k: int) -> Batch:
@@ -242,7 +253,8 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
 
     def init_boxed(key):
         params = stage.init_params(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        extra = stage.init_extra(jax.random.fold_in(key, 1)) if stage.init_extra else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
 
     abstract_boxed = jax.eval_shape(init_boxed, rng)
     sharding.check_divisible(abstract_boxed.params, mesh, rules)
@@ -253,8 +265,10 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
 
     # Batches arrive as global arrays already sharded over the batch axes (`sharding.global_batch`);
     # `None` keeps their shardings, whatever the rank of each field.
+    step_fn = (stage.make_step(tx, schedule) if stage.make_step
+               else make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed))
     train_step = jax.jit(
-        make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed),
+        step_fn,
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -267,10 +281,15 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
     eval_step = jax.jit(eval_fn, in_shardings=(state_shardings.params, None),
                         out_shardings=sharding.replicated(mesh))
     init_jit = jax.jit(lambda k: nn.unbox(init_boxed(k)), out_shardings=state_shardings)
-    from_params_jit = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+    from_params_jit = jax.jit(lambda p, e: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), e),
                               out_shardings=state_shardings)
+
+    def state_from_params(params):
+        extra = stage.load_extra(abstract_state.extra) if stage.load_extra else None
+        return from_params_jit(params, extra)
+
     return Compiled(tx, schedule, abstract_state, state_shardings, train_step, eval_step,
-                    lambda: init_jit(rng), from_params_jit)
+                    lambda: init_jit(rng), state_from_params)
 
 
 def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh) -> Result:

@@ -1,0 +1,45 @@
+"""PPO runs: `jaxllm ppo --config configs/ppo.py:ARG` (after `jaxllm sft` and `jaxllm reward` in the
+same run directory).
+
+ARG is one of:
+
+- `tiny` (default): prompts are signatures and docstrings of stdlib functions held out from the
+  SFT and preference sets; after `configs/reward.py:tiny` in `runs/tiny`.
+    jaxllm ppo --config configs/ppo.py:tiny
+- `real`: prompts of the shared SFT and preference train sets, after `configs/reward.py:real`.
+    jaxllm ppo --config configs/ppo.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
+"""
+
+from jaxllm.train import ppo
+
+SFT_SETS = ("lima", "oasst_en100", "alpaca_en_demo", "self_instruct_seed", "fastchat_dummy_conversation")
+PREF_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions")
+
+
+def get_config(arg: str = "tiny"):
+    c = ppo.default_config()
+    if arg == "tiny":
+        c.run_dir = "runs/tiny"
+        c.stdlib_tasks = True
+        c.prompts.sources = "jsonl:{run_dir}/data/stdlib/prompts/train.jsonl"
+        c.prompts.eval_sources = "jsonl:{run_dir}/data/stdlib/prompts/test.jsonl"
+        c.prompts.max_prompt_len = 96
+        c.ppo.max_new_tokens = 48
+        c.train.update(steps=30, batch_size=16)
+        c.optimizer.update(lr=2e-5, min_lr=2e-6, warmup_steps=8)
+    elif arg == "real":
+        c.run_dir = "runs/shared"
+        c.prompts.sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/train.jsonl" for n in SFT_SETS] +
+                                     [f"jsonl:{{data_root}}/preference/{n}/train.jsonl" for n in PREF_SETS])
+        c.prompts.eval_sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/test.jsonl" for n in SFT_SETS] +
+                                          [f"jsonl:{{data_root}}/preference/{n}/test.jsonl" for n in PREF_SETS])
+        c.prompts.max_prompt_len = 192
+        c.ppo.max_new_tokens = 64
+        c.data.sources = "text:{data_root}/pretrain/*/train.txt"
+        c.data.seq_len = 256
+        c.ppo.ptx_coef = 0.5
+        c.train.update(steps=60, batch_size=32)
+        c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=20)
+    else:
+        raise KeyError(f"unknown ppo config {arg!r}; expected tiny or real")
+    return c

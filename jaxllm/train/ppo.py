@@ -1,0 +1,303 @@
+"""PPO with a per-token KL penalty and a pretraining mix (InstructGPT step 3, Ouyang et al. 2022).
+
+`jaxllm ppo --config configs/ppo.py:ARG` starts the policy from the SFT `params/` and the value
+model from the reward model's; the reference (SFT) and the reward model stay frozen in the train
+state's `extra`. One train step is one PPO iteration, jitted end to end:
+
+1. Rollout: pure temperature sampling of up to `ppo.max_new_tokens` tokens per prompt
+   (`sampling.rollout`), stopping at end-of-turn or eos.
+2. Scoring: policy and reference log-probs of the response tokens with logits divided by the same
+   temperature as the rollout, values from the value model, the reward model's score at the last
+   response token (minus `missing_eos_penalty` when the response did not end with a stop token).
+3. Per-token reward `-kl_coef * KL_t` (k1/k2/k3, `objectives.kl_penalty`) plus the score at the
+   last response token (Ziegler et al. 2019; Stiennon et al. 2020, eq. 1).
+4. GAE (`objectives.gae`, gamma 1, lambda 0.95) and advantages whitened over real response tokens.
+5. `ppo.epochs` x `ppo.minibatches` updates of `policy_loss + vf_coef * value_loss
+   (+ ptx_coef * pretraining LM loss)`, each term a mean over the minibatch's response tokens
+   (the ptx term over its real target tokens: InstructGPT eq. 2's `gamma E_pretrain[log pi]`, per
+   token).
+6. Adaptive KL coefficient (Ziegler et al. 2019, section 2.2) when `ppo.adaptive_kl`.
+
+Learning-rate warmup and decay count optimizer updates (`steps x epochs x minibatches`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import objectives
+from jaxllm import sampling
+from jaxllm.data import chat
+from jaxllm.data import lm
+from jaxllm.data import prompts as prompt_data
+from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.models import llama
+from jaxllm.train import loop
+from jaxllm.train import pretrain
+from jaxllm.train import reward
+from jaxllm.train import sft
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A complete PPO run config."""
+    c = sft.default_config()
+    c.stage = "ppo"
+    c.init_from = "sft"
+    c.reward_from = "reward"  # stage whose params/ give the reward model and the value model's start
+    c.prompts = prompt_data.default_config()
+    c.data = lm.default_config()  # the pretraining mix (used when ppo.ptx_coef > 0)
+    c.data.eval_sources = ""
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.max_new_tokens = 64
+    c.ppo.temperature = 1.0
+    c.ppo.kl_coef = 0.05
+    c.ppo.kl_estimator = "k1"  # objectives.KL_ESTIMATORS
+    c.ppo.adaptive_kl = False
+    c.ppo.kl_target = 6.0  # nats per sequence
+    c.ppo.kl_horizon = 10000  # episodes
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 0.95
+    c.ppo.clip = 0.2
+    c.ppo.vf_clip = 0.2
+    c.ppo.vf_coef = 0.1
+    c.ppo.epochs = 4
+    c.ppo.minibatches = 4
+    c.ppo.whiten_advantages = True
+    c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of a response without a stop token
+    c.ppo.ptx_coef = 0.0  # InstructGPT's gamma; > 0 mixes in the pretraining LM loss
+    c.ppo.ptx_batch_size = 8
+    c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=10, weight_decay=0.0)
+    c.train.update(steps=100, batch_size=16, eval_every=0, log_every=1)
+    c.sample.prompts = ()
+    return c
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Mean over the logged iterations of each per-iteration metric."""
+    count = max(sums.pop("count", 1.0), 1.0)
+    out = {k: v / count for k, v in sums.items() if k not in ("grad_norm", "learning_rate")}
+    out["loss"] = out.pop("loss_sum")
+    return out
+
+
+def _response_view(config, params, seq, positions, segment_ids, prompt_len, new_tokens, temperature):
+    """Log-probs `[b, N]` of the response tokens under `params` with tempered logits, and the
+    tempered logits `[b, N, vocab]` (token t of the response is predicted at position P + t - 1)."""
+    logits = llama.apply(config, params, seq, positions, segment_ids)
+    logits = logits[:, prompt_len - 1: prompt_len + new_tokens - 1] / temperature
+    targets = seq[:, prompt_len:]
+    return objectives.token_logprobs(logits, targets), logits
+
+
+def _values(config, params, seq, positions, segment_ids, prompt_len, new_tokens):
+    """Values `[b, N]`: the value head's output at the position that predicts each response token."""
+    scores = llama.apply(config, params, seq, positions, segment_ids, head="scalar")
+    return scores[:, prompt_len - 1: prompt_len + new_tokens - 1]
+
+
+def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict, stop_ids, pad_id: int):
+    """`(tx, schedule) -> step(state, batch) -> (state, metrics)`: one PPO iteration (module docstring)."""
+    c = config.ppo
+    n_new, epochs, minibatches = c.max_new_tokens, c.epochs, c.minibatches
+    max_context = config.prompts.max_prompt_len + n_new
+
+    def build(tx: optax.GradientTransformation, schedule: optax.Schedule):
+        def step(state: loop.TrainState, batch):
+            rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+            policy, value = state.params["policy"], state.params["value"]
+            extra = state.extra
+            prompt_tokens, prompt_lengths = batch["prompt_tokens"], batch["prompt_lengths"]
+            b, p = prompt_tokens.shape
+
+            # ---- 1. Rollout ------------------------------------------------------------------
+            out = sampling.rollout(model_config, policy, prompt_tokens, prompt_lengths, rng, max_new_tokens=n_new,
+                                   temperature=c.temperature, stop_ids=stop_ids, max_context=max_context,
+                                   pad_id=pad_id)
+            responses, lengths = out.tokens, out.lengths
+            seq = jnp.concatenate([prompt_tokens, responses], axis=1)
+            idx = jnp.arange(p + n_new)[None]
+            first_real = (p - prompt_lengths)[:, None]
+            segment_ids = ((idx >= first_real) & (idx < p + lengths[:, None])).astype(jnp.int32)
+            positions = jnp.where(segment_ids > 0, idx - first_real, 0)
+            mask = (jnp.arange(n_new)[None] < lengths[:, None]).astype(jnp.float32)
+            view = (seq, positions, segment_ids, p, n_new)
+
+            # ---- 2. Scoring (no gradients) --------------------------------------------------------
+            old_logprobs, logits = _response_view(model_config, policy, *view, c.temperature)
+            ref_logprobs, _ = _response_view(model_config, extra["ref"], *view, c.temperature)
+            old_values = _values(model_config, value, *view)
+            scores = llama.apply(model_config, extra["reward"], seq, positions, segment_ids, head="scalar")
+            last = jnp.maximum(p + lengths - 1, 0)
+            score = jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+            last_token = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+            ended = jnp.isin(last_token, jnp.asarray(stop_ids)) & (lengths > 0)
+            score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
+            probs = jax.nn.softmax(logits, axis=-1)
+            entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+            # ---- 3-4. Rewards, advantages ---------------------------------------------------
+            kl = objectives.kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator) * mask
+            kl_coef = extra["kl_coef"]
+            rewards = -kl_coef * kl
+            rewards = rewards + jax.nn.one_hot(jnp.maximum(lengths - 1, 0), n_new) * score[:, None] * (lengths > 0)[:, None]
+            advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
+            if c.whiten_advantages:
+                advantages = objectives.whiten(advantages, mask)
+            rollout = dict(seq=seq, positions=positions, segment_ids=segment_ids, mask=mask,
+                           old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
+            rollout = jax.lax.stop_gradient(rollout)
+
+            # ---- 5. Epochs x minibatches ----------------------------------------------------
+            mb = b // minibatches
+            order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, 1000 + e), b)
+                                     for e in range(epochs)]).reshape(epochs * minibatches, mb)
+            ptx = batch.get("ptx")
+
+            def update(carry, xs):
+                params, opt_state = carry
+                rows, i = xs
+                m = jax.tree.map(lambda x: x[rows], rollout)
+
+                def loss_fn(params):
+                    mview = (m["seq"], m["positions"], m["segment_ids"], p, n_new)
+                    logprobs, _ = _response_view(model_config, params["policy"], *mview, c.temperature)
+                    values = _values(model_config, params["value"], *mview)
+                    pl, ps = objectives.ppo_policy_loss(logprobs, m["old_logprobs"], m["advantages"], m["mask"], c.clip)
+                    vl, vs = objectives.ppo_value_loss(values, m["old_values"], m["returns"], m["mask"], c.vf_clip)
+                    n = jnp.maximum(ps["count"], 1.0)
+                    total = pl / n + c.vf_coef * vl / n
+                    stats = {"loss/policy": pl / n, "loss/value": vl / n, "policy/approxkl": ps["approxkl"] / n,
+                             "policy/clipfrac": ps["clipfrac"] / n, "policy/ratio": ps["ratio"] / n,
+                             "val/clipfrac": vs["clipfrac"] / n}
+                    if ptx is not None and c.ptx_coef > 0:
+                        chunk = jax.tree.map(lambda x: x.reshape((minibatches, -1) + x.shape[1:])[i % minibatches], ptx)
+                        lg = llama.apply(model_config, params["policy"], chunk["inputs"], chunk["positions"],
+                                         chunk["segment_ids"])
+                        ptx_sum, ptx_sums = objectives.lm_loss(lg, chunk["targets"], chunk["loss_mask"])
+                        ptx_loss = ptx_sum / jnp.maximum(ptx_sums["num_tokens"], 1.0)
+                        total = total + c.ptx_coef * ptx_loss
+                        stats["loss/ptx"] = ptx_loss
+                    return total, stats
+
+                (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                stats = {**stats, "loss": total, "grad_norm": optax.tree.norm(grads)}
+                return (optax.apply_updates(params, updates), opt_state), stats
+
+            (params, opt_state), stats = jax.lax.scan(
+                update, (state.params, state.opt_state), (order, jnp.arange(epochs * minibatches)))
+            stats = jax.tree.map(jnp.mean, stats)
+
+            # ---- 6. KL controller, metrics --------------------------------------------------
+            seq_kl = jnp.sum(kl, axis=1)
+            mean_kl = jnp.mean(seq_kl)
+            new_kl_coef = kl_coef
+            if c.adaptive_kl:
+                error = jnp.clip(mean_kl / c.kl_target - 1.0, -0.2, 0.2)
+                new_kl_coef = kl_coef * (1.0 + error * b / c.kl_horizon)
+            residual = (returns - old_values) * mask
+            var = lambda x: objectives.masked_mean(jnp.square(x - objectives.masked_mean(x, mask)), mask)  # noqa: E731
+            metrics = {
+                "count": jnp.ones(()),
+                "loss_sum": stats.pop("loss"),
+                "grad_norm": stats.pop("grad_norm"),
+                "learning_rate": schedule(state.step * epochs * minibatches),
+                **stats,
+                "objective/kl": mean_kl,
+                "objective/kl_coef": kl_coef,
+                "objective/scores": jnp.mean(score),
+                "objective/rlhf_reward": jnp.mean(score - kl_coef * seq_kl),
+                "objective/entropy": objectives.masked_mean(entropy, mask),
+                "val/var_explained": 1.0 - var(residual) / jnp.maximum(var(returns), 1e-8),
+                "completions/mean_length": jnp.mean(lengths.astype(jnp.float32)),
+                "completions/missing_eos_rate": 1.0 - jnp.mean(ended.astype(jnp.float32)),
+            }
+            new_state = loop.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                                        extra={**extra, "kl_coef": new_kl_coef})
+            return new_state, metrics
+
+        return step
+
+    return build
+
+
+def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                mesh: jax.sharding.Mesh) -> loop.Stage:
+    """The PPO `Stage`: policy+value trainable, reference+reward frozen in `extra`."""
+    c = config.ppo
+    if config.train.batch_size % c.minibatches:
+        raise config_lib.ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
+                                     f"ppo.minibatches={c.minibatches}")
+    if c.temperature <= 0:
+        raise config_lib.ConfigError("ppo.temperature must be > 0: PPO needs sampled rollouts")
+    if c.kl_estimator not in objectives.KL_ESTIMATORS:
+        raise config_lib.ConfigError(f"ppo.kl_estimator={c.kl_estimator!r}; expected one of {objectives.KL_ESTIMATORS}")
+    config_lib.inherit_model_shape(config, sft.source_stage_dir(config))
+    sft.prepare_sources(config)
+    pretrain.resolve_vocab(config, tokenizer)
+    if not config.optimizer.decay_steps:
+        config.optimizer.decay_steps = config.train.steps * c.epochs * c.minibatches
+    model_config = llama.LlamaConfig.from_config(config.model)
+    template = chat.ChatTemplate(tokenizer)
+    common = dict(seed=config.seed, data_root=config.data_root, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    train_data = prompt_data.prompt_dataset(config.prompts, template, split="train",
+                                            global_batch_size=config.train.batch_size, run_dir=config.run_dir,
+                                            **common)
+    if c.ptx_coef > 0:
+        if c.ptx_batch_size % c.minibatches:
+            raise config_lib.ConfigError(f"ppo.ptx_batch_size={c.ptx_batch_size} is not divisible by "
+                                         f"ppo.minibatches={c.minibatches}")
+        ptx = lm.lm_dataset(config.data, tokenizer, split="train", global_batch_size=c.ptx_batch_size,
+                            cache_dir=lm.resolve_cache_dir(config.data, config.run_dir), **common)
+        import grain  # noqa: PLC0415
+
+        train_data = grain.experimental.ZipMapDataset([train_data, ptx]).map(lambda pair: {**pair[0], "ptx": pair[1]})
+
+    policy_dir = sft.source_stage_dir(config) / "params"
+    reward_dir = sft.source_stage_dir(config).parent / config.reward_from / "params"
+
+    def init_params(rng):
+        return {"policy": llama.init(model_config, rng),
+                "value": llama.init(model_config, jax.random.fold_in(rng, 1), head="scalar")}
+
+    def init_extra(rng):
+        return {"ref": llama.init(model_config, rng),
+                "reward": llama.init(model_config, jax.random.fold_in(rng, 1), head="scalar"),
+                "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+
+    def load_params(abstract):
+        return {"policy": ckpt_lib.load_params(policy_dir, abstract["policy"]),
+                "value": ckpt_lib.load_params(reward_dir, abstract["value"])}
+
+    def load_extra(abstract):
+        return {"ref": ckpt_lib.load_params(policy_dir, abstract["ref"]),
+                "reward": ckpt_lib.load_params(reward_dir, abstract["reward"]),
+                "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+
+    tokens = config.train.batch_size * (config.prompts.max_prompt_len + c.max_new_tokens)
+    # Per iteration: rollout + 4 scoring forwards + epochs x (policy and value forward+backward).
+    flops = llama.flops_per_token(model_config, config.prompts.max_prompt_len + c.max_new_tokens) * tokens
+    return loop.Stage(
+        name=config.stage,
+        init_params=init_params,
+        loss_fn=None,
+        train_data=train_data,
+        flops_per_step=flops * (5 / 3 + 2 * c.epochs),
+        tokens_per_step=tokens,
+        load_params=load_params,
+        summarize=summarize,
+        make_step=make_step(model_config, config, (template.end_id, template.eos_id), tokenizer.pad_id),
+        init_extra=init_extra,
+        load_extra=load_extra,
+    )
+
+
+def run(config: ml_collections.ConfigDict) -> loop.Result:
+    """Trains the policy with PPO; returns the loop's result."""
+    return loop.run_stage(config, build_stage)
