@@ -1,12 +1,14 @@
 """Command line: `jaxllm COMMAND --config=configs/FILE.py[:ARG] --config.key=value ...`.
 
 Commands:
+  pipeline    the whole recipe (tokenizer, pretrain, sft, reward, ppo, dpo, eval) in one run dir
   tokenizer   train (or load) the run's SentencePiece tokenizer
   pretrain    causal-LM pretraining (trains the tokenizer first if the run has none)
   sft         supervised fine-tuning on conversations, from the run's pretrain params
   reward      reward model on preference pairs or ranked groups, from the SFT params
   dpo         direct preference optimisation from the SFT params (reference = SFT)
   ppo         PPO with a KL penalty (and pretraining mix) against the reward model
+  eval        write RUN_DIR/report.md and report.json: `jaxllm eval --run RUN_DIR [--config ...]`
   compile     ahead-of-time fitting: `jaxllm compile --config ... --topology v5p:4x4x4 [--suggest]`
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
 
@@ -24,7 +26,7 @@ from typing import Sequence
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
           "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
-COMMANDS = ("tokenizer", *STAGES, "sample", "compile")
+COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -121,6 +123,37 @@ def cmd_sample(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_pipeline(argv: Sequence[str]) -> int:
+    """Runs every stage of the pipeline config, then the evaluation."""
+    from jaxllm import config as config_lib
+    from jaxllm import pipeline
+    from jaxllm import sharding
+
+    config = _load(argv, "pipeline")
+    sharding.initialize_runtime(config)
+    if not pipeline.run(config):
+        return EXIT_PREEMPTED
+    config_lib.save_json(config, os.path.join(config.run_dir, "pipeline_config.json"))
+    print(open(os.path.join(config.run_dir, "report.md"), encoding="utf-8").read())
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    """Evaluates the finished stages of a run (`--run RUN_DIR`); settings from `--config` (a
+    pipeline config's `eval` section, default `configs/pipeline.py:tiny`)."""
+    from jaxllm import config as config_lib
+    from jaxllm import evaluation
+
+    spec, overrides, rest = config_lib.parse_overrides(argv)
+    parser = argparse.ArgumentParser(prog="jaxllm eval")
+    parser.add_argument("--run", required=True, help="run directory")
+    args = parser.parse_args(rest)
+    config = config_lib.build(spec or "configs/pipeline.py:tiny", overrides)
+    evaluation.evaluate_run(args.run, config.eval, None, config.data_root)
+    print(open(os.path.join(args.run, "report.md"), encoding="utf-8").read())
+    return 0
+
+
 def cmd_compile(argv: Sequence[str]) -> int:
     """Compiles the train step for a TPU topology and prints per-chip memory and FLOPs."""
     from jaxllm import aot
@@ -160,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command in STAGES:
             return cmd_stage(command, rest)
-        return {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "compile": cmd_compile}[command](rest)
+        handlers = {"pipeline": cmd_pipeline, "tokenizer": cmd_tokenizer, "eval": cmd_eval, "sample": cmd_sample,
+                    "compile": cmd_compile}
+        return handlers[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)
         return 2

@@ -27,19 +27,17 @@ input starts with its paradigm token `[NLU]` (R), `[NLG]` (X) or `[S2S]` (S). Th
 such pieces, so they are the three highest sentinels, never used for corruption:
 `[NLU] = <extra_id_{N-1}>`, `[NLG] = <extra_id_{N-2}>`, `[S2S] = <extra_id_{N-3}>` for N sentinels.
 
-**Pipeline** (`t5_dataset`). The corpus is tokenized once (`lm.tokenize_corpus`, no bos/eos: eos is
-appended per corrupted example, as T5) and cut into windows of `raw_length` tokens (`lm.PackedRows`:
-shuffled per epoch as a pure function of (seed, index)). Packing follows t5x: each document piece of
-a window (a segment) is corrupted on its own with a `numpy` Generator seeded by (seed, stream,
-example index), then the pieces' inputs and targets are packed into the encoder and decoder rows
-with matching segment ids (1, 2, ...; 0 = padding) and positions restarting at 0, so attention never
-crosses pieces. A window holding a single document fills the rows exactly (T5's `random_spans_helper`
-lengths); several pieces cost one eos per piece and per-piece rounding, so a piece that does not fit
-is cut to its longest prefix whose corrupted lengths fit (lengths are a deterministic function of
-the piece length) and the rest of the window is dropped. Denoisers get one window stream each
-(their raw lengths differ), mixed with `grain.MapDataset.mix`, whose deterministic weighted
-interleave realises the rates exactly instead of sampling them iid (UL2 used `sample_from_datasets`).
-Then `lm._ProcessSlice` gives each process its rows of each global batch.
+**Pipeline** (`t5_dataset`). The corpus is tokenized once (`lm.tokenize_corpus`, no bos/eos: T5
+appends eos per example) and cut into shuffled windows of `raw_length` tokens (`lm.PackedRows`, a
+pure function of (seed, index)). Packing follows t5x: each document piece of a window (a segment) is
+corrupted on its own (a `numpy` Generator seeded by (seed, stream, example index)), then the pieces
+are packed into the encoder and decoder rows with matching segment ids (1, 2, ...; 0 = padding) and
+positions restarting at 0. A one-document window fills the rows exactly (`random_spans_helper`
+lengths); several pieces cost an eos each and per-piece rounding, so a piece that does not fit is
+cut to its longest prefix whose (deterministic) corrupted lengths fit and the window's rest is
+dropped. Each denoiser reads its own window stream (raw lengths differ); `grain.MapDataset.mix`
+interleaves them deterministically, realising the rates exactly rather than iid as UL2's
+`sample_from_datasets`. `lm._ProcessSlice` gives each process its rows of each global batch.
 
 **Decoder-only prefix LM** (`format="prefix_lm"`): each piece becomes `inputs ++ targets` (with
 their eos) in one row of `seq_len + 1` tokens; the batch has `inputs, targets, segment_ids,
@@ -97,12 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_span_params(noise_density: float, mean_noise_span_length: float, where: str = "") -> None:
-    """Raises `ValueError` naming the parameter when `noise_density` is outside (0, 1) or
-    `mean_noise_span_length` < 1. `where` prefixes the names (e.g. "data." or a denoiser)."""
+    """Raises `ConfigError` (a ValueError) naming the parameter when `noise_density` is outside (0, 1)
+    or `mean_noise_span_length` < 1. `where` prefixes the names (e.g. "data." or a denoiser)."""
     if not 0.0 < noise_density < 1.0:
-        raise ValueError(f"{where}noise_density={noise_density} must be in (0, 1)")
+        raise ConfigError(f"{where}noise_density={noise_density} must be in (0, 1)")
     if not mean_noise_span_length >= 1.0:
-        raise ValueError(f"{where}mean_noise_span_length={mean_noise_span_length} must be >= 1")
+        raise ConfigError(f"{where}mean_noise_span_length={mean_noise_span_length} must be >= 1")
 
 
 def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -191,7 +189,7 @@ def random_spans_helper(inputs_length: int, noise_density: float, mean_noise_spa
     (64, 0.2, 2.0) -> (70, 22) and (64, 0.2, 1.0) -> (63, 27).
 
     Raises:
-      ValueError: bad `noise_density` / `mean_noise_span_length`.
+      ConfigError: (a ValueError) bad `noise_density` / `mean_noise_span_length`.
     """
     check_span_params(noise_density, mean_noise_span_length)
 
@@ -311,23 +309,20 @@ def parse_denoisers(spec: str, mode_tokens: bool = True) -> list[Denoiser]:
         if not m or m.end() == pos:
             raise ConfigError(f"data.denoisers={spec!r}: cannot parse {spec[pos:]!r}; expected entries like "
                               f"'R(3,0.15)', 'X(64,0.5)@0.5', 'S(0.25)'")
-        kind, args, rate = m.group(1), m.group(2), m.group(3)
+        kind, args, rate, entry = m.group(1), m.group(2), m.group(3), m.group(0).strip()
         try:
             values = [float(a) for a in args.split(",")] if args else []
             rate_value = float(rate) if rate else 1.0
         except ValueError:
-            raise ConfigError(f"data.denoisers: bad number in {m.group(0).strip()!r}") from None
+            raise ConfigError(f"data.denoisers: bad number in {entry!r}") from None
         want = 1 if kind == "S" else 2
         if len(values) != want:
-            raise ConfigError(f"data.denoisers: {m.group(0).strip()!r} needs {want} argument(s): "
+            raise ConfigError(f"data.denoisers: {entry!r} needs {want} argument(s): "
                               + ("S(r)" if kind == "S" else f"{kind}(mean_noise_span_length, noise_density)"))
         if not rate_value > 0:
-            raise ConfigError(f"data.denoisers: rate of {m.group(0).strip()!r} must be > 0")
+            raise ConfigError(f"data.denoisers: rate of {entry!r} must be > 0")
         mu, r = (1.0, values[0]) if kind == "S" else values
-        try:
-            check_span_params(r, mu, where=f"data.denoisers {m.group(0).strip()!r}: ")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_span_params(r, mu, where=f"data.denoisers {entry!r}: ")
         out.append(Denoiser(kind, r, mu, rate_value, mode_tokens))
         pos = m.end()
     if not out:
@@ -343,10 +338,7 @@ def denoisers_from_config(data_config: ml_collections.ConfigDict) -> list[Denois
     """
     if data_config.denoisers.strip():
         return parse_denoisers(data_config.denoisers, bool(data_config.mode_tokens))
-    try:
-        check_span_params(data_config.noise_density, data_config.mean_noise_span_length, where="data.")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_span_params(data_config.noise_density, data_config.mean_noise_span_length, where="data.")
     return [Denoiser("R", float(data_config.noise_density), float(data_config.mean_noise_span_length))]
 
 
@@ -410,12 +402,8 @@ def make_layout(denoisers: Sequence[Denoiser], *, format: str = "t5", inputs_len
 
 
 def sentinel_layout(tokenizer, denoisers: Sequence[Denoiser], layout: Layout) -> tuple[np.ndarray, dict[str, int]]:
-    """Sentinel ids for corruption and the mode-token ids.
-
-    Returns:
-      `(sentinel_ids, mode_ids)`: int32 `[m]` with `sentinel_ids[k] = tokenizer.sentinel_id(k)` for
-      the sentinels not reserved as mode tokens, and `{"R": id, "X": id, "S": id}` (empty without
-      mode tokens).
+    """`(sentinel_ids, mode_ids)`: int32 `[m]` `sentinel_ids[k] = tokenizer.sentinel_id(k)` over the
+    sentinels not reserved as mode tokens, and `{"R", "X", "S"}` -> id (empty without mode tokens).
 
     Raises:
       ConfigError: (a ValueError) naming `tokenizer.num_sentinels` when the vocabulary has fewer
@@ -586,18 +574,15 @@ def t5_dataset(data_config: ml_collections.ConfigDict, tokenizer, *, split: str,
       split: "train" (`data.sources`: infinite, shuffled, one stream per source x denoiser mixed by
         source weight x denoiser rate) or "eval" (`data.eval_sources`: finite, in order, the first
         denoiser only, last batch padded with empty rows, fixed corruption for a given `seed`).
-      global_batch_size: rows per global batch, B.
-      seed: data-order and corruption seed.
-      cache_dir: token cache directory (`lm.resolve_cache_dir`).
-      data_root: replaces `{data_root}` in source specs.
+      global_batch_size: rows per global batch, B; `seed`: data-order and corruption seed.
+      cache_dir, data_root: token cache directory and `{data_root}` of the source specs.
       process_index, process_count: this process's slice of each global batch (B % P == 0).
       format: "t5" (`T5_KEYS`, `[B/P, inputs_length]` encoder and `[B/P, targets_length]` decoder
         arrays) or "prefix_lm" (`PREFIX_LM_KEYS`, `[B/P, inputs_length]`).
 
     Raises:
       DataError: bad sources, split or batch layout, or a corpus shorter than one window.
-      ConfigError: bad `data.*` values (naming the key).
-      ConfigError: too few sentinels in the vocabulary (naming `tokenizer.num_sentinels`).
+      ConfigError: bad `data.*` values or too few sentinels (naming the key).
     """
     if split not in lm.SPLITS:
         raise DataError(f"t5_dataset split={split!r}; expected one of {lm.SPLITS}")

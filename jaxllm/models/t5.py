@@ -505,12 +505,9 @@ def decode_step(config: T5Config, params, tokens: jax.Array, positions: jax.Arra
     and to the encoder tokens of its segment. Feeding a sequence in any chunks gives the logits
     `apply` gives (same positions and segments), up to float reassociation.
 
-    Args:
-      tokens, positions, segment_ids: `[batch, length]` int32.
-      cache: from `init_cache` or a previous step; `index + length <= max_len` (not checked).
-
-    Returns:
-      `(logits [batch, length, vocab] float32, cache with index advanced by length)`.
+    `tokens, positions, segment_ids` `[batch, length]` int32; `cache` from `init_cache` or a previous
+    step (`index + length <= max_len`, not checked). Returns `(logits [batch, length, vocab] float32,
+    cache with index advanced by length)`.
     """
     return Transformer(config).apply({"params": params}, tokens, segment_ids, positions,
                                      cache["encoder_segment_ids"], cache=cache, method=Transformer.decode)
@@ -560,19 +557,10 @@ def generate(config: T5Config, params, encoder_tokens: Sequence[Sequence[int]], 
     Inputs are right-padded (segment 0) to a multiple of 16 tokens, and rows are repeated up to a
     multiple of the batch shards of the active mesh; decoding starts from `start_id` (T5: 0).
 
-    Args:
-      config, params: the model (params unboxed, possibly sharded).
-      encoder_tokens: token ids of each input (non-empty, e.g. a corrupted text ending with eos).
-      max_new_tokens: decoder tokens per row at most.
-      temperature: 0 for greedy decoding, else softmax temperature.
-      eos_id: a row stops after emitting it (included in its output); -1: never.
-      seed: sampling seed.
-
-    Returns:
-      The generated ids of each input, up to and including eos.
-
-    Raises:
-      ValueError: on an empty input, `max_new_tokens < 1` or `temperature < 0`.
+    `encoder_tokens`: ids of each input (non-empty, e.g. corrupted text ending with eos);
+    `temperature` 0 is greedy; a row stops after emitting `eos_id` (-1: never). Returns the generated
+    ids of each input up to and including eos. Raises `ValueError` on an empty input,
+    `max_new_tokens < 1` or `temperature < 0`.
     """
     if not encoder_tokens or any(len(t) == 0 for t in encoder_tokens):
         raise ValueError("every encoder input needs at least one token")

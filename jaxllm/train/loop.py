@@ -87,6 +87,8 @@ class Stage:
         sums `summarize` reads plus `grad_norm` and `learning_rate`.
       init_extra: optional `rng -> extra state` boxed with logical axes (for shapes and shardings).
       load_extra: optional `abstract_extra -> extra` giving its initial values.
+      export: optional `params -> params` selecting what `params/` hands to the next stage
+        (PPO: the policy without the value model).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Stage:
     make_step: Callable[[optax.GradientTransformation, optax.Schedule], Callable] | None = None
     init_extra: Callable[[jax.Array], Any] | None = None
     load_extra: Callable[[Any], Any] | None = None
+    export: Callable[[Any], Any] | None = None
 
 
 def microbatches(batch: Batch, k: int) -> Batch:
@@ -415,7 +418,11 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
             if eval_metrics:
                 bar.write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             run_samples(state, step)
-            ckpt_lib.export_params(stage_dir / "params", state.params)
+            exported = stage.export(state.params) if stage.export else state.params
+            ckpt_lib.export_params(stage_dir / "params", exported)
+            if jax.process_index() == 0:
+                done = {"step": step, "eval": eval_metrics}
+                (stage_dir / "done.json").write_text(json.dumps(done, indent=2, sort_keys=True) + "\n")
         writer.close()
         return Result(step, state, False, eval_metrics)
 

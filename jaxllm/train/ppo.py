@@ -85,19 +85,53 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _response_view(config, params, seq, positions, segment_ids, prompt_len, new_tokens, temperature):
-    """Log-probs `[b, N]` of the response tokens under `params` with tempered logits, and the
-    tempered logits `[b, N, vocab]` (token t of the response is predicted at position P + t - 1)."""
-    logits = llama.apply(config, params, seq, positions, segment_ids)
-    logits = logits[:, prompt_len - 1: prompt_len + new_tokens - 1] / temperature
-    targets = seq[:, prompt_len:]
-    return objectives.token_logprobs(logits, targets), logits
+def response_view(prompt_tokens: jax.Array, prompt_lengths: jax.Array, responses: jax.Array, lengths: jax.Array):
+    """Sequences of left-padded prompts followed by sampled responses, for scoring.
+
+    Args:
+      prompt_tokens: `[b, P]` left-padded; prompt_lengths: `[b]`.
+      responses: `[b, N]` sampled tokens (padding after a stop); lengths: `[b]` tokens generated.
+
+    Returns:
+      `(seq, positions, segment_ids, P, N)` with `seq` `[b, P + N]` and segment 1 exactly on the
+      real prompt and response tokens, and the response mask `[b, N]` float32.
+    """
+    p, n = prompt_tokens.shape[1], responses.shape[1]
+    seq = jnp.concatenate([prompt_tokens, responses], axis=1)
+    idx = jnp.arange(p + n)[None]
+    first_real = (p - prompt_lengths)[:, None]
+    segment_ids = ((idx >= first_real) & (idx < p + lengths[:, None])).astype(jnp.int32)
+    positions = jnp.where(segment_ids > 0, idx - first_real, 0)
+    mask = (jnp.arange(n)[None] < lengths[:, None]).astype(jnp.float32)
+    return (seq, positions, segment_ids, p, n), mask
 
 
-def _values(config, params, seq, positions, segment_ids, prompt_len, new_tokens):
-    """Values `[b, N]`: the value head's output at the position that predicts each response token."""
-    scores = llama.apply(config, params, seq, positions, segment_ids, head="scalar")
-    return scores[:, prompt_len - 1: prompt_len + new_tokens - 1]
+def response_logprobs(config, params, view, temperature: float):
+    """Log-probs `[b, N]` of the response tokens under `params` with logits divided by
+    `temperature`, and those tempered logits `[b, N, vocab]` (response token t is predicted at
+    sequence position P + t - 1)."""
+    seq, positions, segment_ids, p, n = view
+    logits = llama.apply(config, params, seq, positions, segment_ids)[:, p - 1: p + n - 1] / temperature
+    return objectives.token_logprobs(logits, seq[:, p:]), logits
+
+
+def response_values(config, params, view):
+    """Values `[b, N]`: the scalar head at the position that predicts each response token."""
+    seq, positions, segment_ids, p, n = view
+    return llama.apply(config, params, seq, positions, segment_ids, head="scalar")[:, p - 1: p + n - 1]
+
+
+def final_scores(config, reward_params, view, lengths):
+    """The reward model's score `[b]` at the last response token."""
+    seq, positions, segment_ids, p, _ = view
+    scores = llama.apply(config, reward_params, seq, positions, segment_ids, head="scalar")
+    return jnp.take_along_axis(scores, jnp.maximum(p + lengths - 1, 0)[:, None], axis=1)[:, 0]
+
+
+def ended_with_stop(responses: jax.Array, lengths: jax.Array, stop_ids) -> jax.Array:
+    """`[b]` bool: the response's last token is a stop token (eos / end-of-turn)."""
+    last = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.isin(last, jnp.asarray(stop_ids)) & (lengths > 0)
 
 
 def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict, stop_ids, pad_id: int):
@@ -119,23 +153,14 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
                                    temperature=c.temperature, stop_ids=stop_ids, max_context=max_context,
                                    pad_id=pad_id)
             responses, lengths = out.tokens, out.lengths
-            seq = jnp.concatenate([prompt_tokens, responses], axis=1)
-            idx = jnp.arange(p + n_new)[None]
-            first_real = (p - prompt_lengths)[:, None]
-            segment_ids = ((idx >= first_real) & (idx < p + lengths[:, None])).astype(jnp.int32)
-            positions = jnp.where(segment_ids > 0, idx - first_real, 0)
-            mask = (jnp.arange(n_new)[None] < lengths[:, None]).astype(jnp.float32)
-            view = (seq, positions, segment_ids, p, n_new)
+            view, mask = response_view(prompt_tokens, prompt_lengths, responses, lengths)
 
             # ---- 2. Scoring (no gradients) --------------------------------------------------------
-            old_logprobs, logits = _response_view(model_config, policy, *view, c.temperature)
-            ref_logprobs, _ = _response_view(model_config, extra["ref"], *view, c.temperature)
-            old_values = _values(model_config, value, *view)
-            scores = llama.apply(model_config, extra["reward"], seq, positions, segment_ids, head="scalar")
-            last = jnp.maximum(p + lengths - 1, 0)
-            score = jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
-            last_token = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-            ended = jnp.isin(last_token, jnp.asarray(stop_ids)) & (lengths > 0)
+            old_logprobs, logits = response_logprobs(model_config, policy, view, c.temperature)
+            ref_logprobs, _ = response_logprobs(model_config, extra["ref"], view, c.temperature)
+            old_values = response_values(model_config, value, view)
+            ended = ended_with_stop(responses, lengths, stop_ids)
+            score = final_scores(model_config, extra["reward"], view, lengths)
             score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
             probs = jax.nn.softmax(logits, axis=-1)
             entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
@@ -148,6 +173,7 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
             if c.whiten_advantages:
                 advantages = objectives.whiten(advantages, mask)
+            seq, positions, segment_ids, p, n_new = view
             rollout = dict(seq=seq, positions=positions, segment_ids=segment_ids, mask=mask,
                            old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
             rollout = jax.lax.stop_gradient(rollout)
@@ -165,8 +191,8 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
 
                 def loss_fn(params):
                     mview = (m["seq"], m["positions"], m["segment_ids"], p, n_new)
-                    logprobs, _ = _response_view(model_config, params["policy"], *mview, c.temperature)
-                    values = _values(model_config, params["value"], *mview)
+                    logprobs, _ = response_logprobs(model_config, params["policy"], mview, c.temperature)
+                    values = response_values(model_config, params["value"], mview)
                     pl, ps = objectives.ppo_policy_loss(logprobs, m["old_logprobs"], m["advantages"], m["mask"], c.clip)
                     vl, vs = objectives.ppo_value_loss(values, m["old_values"], m["returns"], m["mask"], c.vf_clip)
                     n = jnp.maximum(ps["count"], 1.0)
@@ -295,6 +321,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         make_step=make_step(model_config, config, (template.end_id, template.eos_id), tokenizer.pad_id),
         init_extra=init_extra,
         load_extra=load_extra,
+        export=lambda params: params["policy"],
     )
 
 

@@ -1,0 +1,204 @@
+"""Evaluation of a run: `jaxllm eval --run RUN_DIR` writes `report.md` and `report.json`.
+
+The report has each finished stage's final metrics (the last train row and the final held-out
+evaluation), the reward model's held-out accuracy per split, and for the SFT, PPO and DPO policies
+on held-out prompts: the mean reward under the run's reward model, the win rate against SFT under
+it (ties count half), the KL to SFT, the mean response length and the missing-eos rate, plus a few
+generations side by side.
+
+Responses are sampled at `eval.temperature` with a fixed seed, so the report is a pure function
+of the run's params: rerunning `jaxllm eval` (or a killed and resumed pipeline) gives the same
+report. The KL to SFT is `mean over prompts of sum_t [log pi(y_t) - log pi_SFT(y_t)]` on the
+policy's own samples (the k1 estimator, unbiased), both with logits divided by the temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import sampling
+from jaxllm import sharding
+from jaxllm.data import chat
+from jaxllm.data import prompts as prompt_data
+from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.models import llama
+from jaxllm.train import loop
+from jaxllm.train import metrics as metrics_lib
+from jaxllm.train import ppo
+
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+POLICIES = ("sft", "ppo", "dpo")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `eval` section."""
+    c = ml_collections.ConfigDict()
+    c.prompts = prompt_data.default_config()
+    c.num_prompts = 64  # held-out prompts to generate for (0: all)
+    c.batch_size = 16
+    c.max_new_tokens = 64
+    c.temperature = 1.0
+    c.seed = 0
+    c.samples_in_report = 3
+    return c
+
+
+def stage_summary(stage_dir: pathlib.Path) -> dict[str, Any]:
+    """Final train row (without timings) and final eval metrics of a finished stage."""
+    rows = metrics_lib.read_metrics(stage_dir)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    drop = ("tokens_per_second", "mfu", "step")
+    out = {"step": train[-1]["step"] if train else 0}
+    if train:
+        out["train"] = {k: v for k, v in train[-1].items() if k not in drop}
+    if evals:
+        out["eval"] = {k: v for k, v in evals[-1].items() if k != "step"}
+    return out
+
+
+def _policy_eval(model_config, policies: dict[str, Any], reward_params, prompts_ds, c, stop_ids, pad_id,
+                 max_context, mesh, rules) -> dict[str, dict[str, np.ndarray]]:
+    """Samples every policy on every prompt; returns per-policy arrays of rewards, KLs, lengths."""
+    def score_fn(policy, sft_params, rm, tokens, lengths, responses, response_lengths):
+        view, mask = ppo.response_view(tokens, lengths, responses, response_lengths)
+        logp, _ = ppo.response_logprobs(model_config, policy, view, c.temperature)
+        sft_logp, _ = ppo.response_logprobs(model_config, sft_params, view, c.temperature)
+        reward = ppo.final_scores(model_config, rm, view, response_lengths)
+        return reward, jnp.sum((logp - sft_logp) * mask, axis=1)
+
+    score = jax.jit(score_fn, out_shardings=sharding.replicated(mesh))
+    results: dict[str, dict[str, list]] = {name: {"reward": [], "kl": [], "length": [], "ended": [],
+                                                 "tokens": []} for name in policies}
+    prompt_tokens_all = []
+    seen = 0
+    for batch in prompts_ds:
+        valid = batch["prompt_mask"] > 0
+        if c.num_prompts:
+            valid &= np.arange(len(valid)) + seen < c.num_prompts
+        seen += len(valid)
+        if not valid.any():
+            break
+        for i in np.flatnonzero(valid):
+            prompt_tokens_all.append(batch["prompt_tokens"][i, -batch["prompt_lengths"][i]:])
+        for name, params in policies.items():
+            out = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_lengths"],
+                                  jax.random.key(c.seed), max_new_tokens=c.max_new_tokens,
+                                  temperature=c.temperature, stop_ids=stop_ids, max_context=max_context,
+                                  pad_id=pad_id)
+            with sharding.activate(mesh, rules):
+                reward, kl = score(params, policies["sft"], reward_params, jnp.asarray(batch["prompt_tokens"]),
+                                   jnp.asarray(batch["prompt_lengths"]), out.tokens, out.lengths)
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            ended = np.asarray(ppo.ended_with_stop(out.tokens, out.lengths, stop_ids))
+            r = results[name]
+            r["reward"].extend(np.asarray(reward)[valid])
+            r["kl"].extend(np.asarray(kl)[valid])
+            r["length"].extend(lengths[valid])
+            r["ended"].extend(ended[valid])
+            r["tokens"].extend(tokens[i, :lengths[i]] for i in np.flatnonzero(valid))
+        if c.num_prompts and seen >= c.num_prompts:
+            break
+    out = {name: {k: (np.asarray(v) if k != "tokens" else v) for k, v in r.items()} for name, r in results.items()}
+    out["_prompts"] = prompt_tokens_all
+    return out
+
+
+def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh_config=None,
+                 data_root: str = "") -> dict[str, Any]:
+    """Builds the report of the run in `run_dir` (see the module docstring) and writes it there.
+
+    Raises:
+      ConfigError: if the run has no finished SFT stage.
+    """
+    run_dir = pathlib.Path(run_dir)
+    report: dict[str, Any] = {"stages": {}}
+    for stage in STAGES:
+        if (run_dir / stage / "done.json").exists():
+            report["stages"][stage] = stage_summary(run_dir / stage)
+    if "sft" not in report["stages"]:
+        raise config_lib.ConfigError(f"{run_dir} has no finished sft stage to evaluate")
+    if "reward" in report["stages"]:
+        ev = report["stages"]["reward"].get("eval", {})
+        report["reward_model"] = {k[len("eval/"):]: v for k, v in ev.items() if k.endswith("accuracy")}
+
+    sft_config = config_lib.load_json(run_dir / "sft" / "config.json")
+    model_config = llama.LlamaConfig.from_config(sft_config.model)
+    mesh_config = mesh_config or sft_config.mesh
+    mesh = sharding.make_mesh(mesh_config)
+    rules = mesh_config.rules
+    tokenizer = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(run_dir) / "tokenizer.model")
+    template = chat.ChatTemplate(tokenizer)
+    if "reward" in report["stages"]:
+        with sharding.activate(mesh, rules):
+            lm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r), mesh, rules)
+            rm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r, head="scalar"), mesh, rules)
+        policies = {name: ckpt_lib.load_params(run_dir / name / "params", lm_abstract)
+                    for name in POLICIES if name in report["stages"]}
+        reward_params = ckpt_lib.load_params(run_dir / "reward" / "params", rm_abstract)
+        prompts_ds = prompt_data.prompt_dataset(c.prompts, template, split="eval", global_batch_size=c.batch_size,
+                                                seed=c.seed, data_root=data_root, run_dir=str(run_dir))
+        max_context = c.prompts.max_prompt_len + c.max_new_tokens
+        res = _policy_eval(model_config, policies, reward_params, prompts_ds, c, (template.end_id, template.eos_id),
+                           tokenizer.pad_id, max_context, mesh, rules)
+        prompt_tokens = res.pop("_prompts")
+        base = res["sft"]["reward"]
+        report["policies"] = {}
+        for name, r in res.items():
+            wins = np.mean((r["reward"] > base) + 0.5 * (r["reward"] == base))
+            report["policies"][name] = {
+                "mean_reward": float(np.mean(r["reward"])), "win_rate_vs_sft": float(wins),
+                "kl_to_sft": float(np.mean(r["kl"])), "mean_length": float(np.mean(r["length"])),
+                "missing_eos_rate": float(1.0 - np.mean(r["ended"])), "prompts": int(len(r["reward"]))}
+        report["samples"] = [
+            {"prompt": tokenizer.decode(prompt_tokens[i]),
+             **{name: template.decode_response(res[name]["tokens"][i].tolist()) for name in res}}
+            for i in range(min(c.samples_in_report, len(prompt_tokens)))]
+    write_report(report, run_dir)
+    return report
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
+    """Writes `report.json` and a Markdown rendering `report.md` into `run_dir`."""
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    lines = [f"# jaxllm report: {run_dir.name}", ""]
+    if "policies" in report:
+        lines += ["## Policies on held-out prompts (reward model of this run)", "",
+                  "| policy | mean reward | win rate vs SFT | KL to SFT | mean length | missing eos |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, p in report["policies"].items():
+            lines.append(f"| {name} | {p['mean_reward']:.4f} | {p['win_rate_vs_sft']:.3f} | {p['kl_to_sft']:.3f} | "
+                         f"{p['mean_length']:.1f} | {p['missing_eos_rate']:.3f} |")
+        lines += ["", f"{next(iter(report['policies'].values()))['prompts']} prompts.", ""]
+    if "reward_model" in report:
+        lines += ["## Reward model held-out accuracy", "", "| split | accuracy |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in report["reward_model"].items()]
+        lines.append("")
+    lines += ["## Stages", ""]
+    for stage, s in report["stages"].items():
+        metrics = {**s.get("train", {}), **s.get("eval", {})}
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+        lines.append(f"- **{stage}** (step {s['step']}): {shown}")
+    if report.get("samples"):
+        lines += ["", "## Samples", ""]
+        for i, sample in enumerate(report["samples"]):
+            lines.append(f"### Prompt {i + 1}\n\n```\n{sample['prompt']}\n```\n")
+            for name, text in sample.items():
+                if name != "prompt":
+                    lines.append(f"**{name}**:\n\n```\n{text}\n```\n")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    logging.info("wrote %s", run_dir / "report.md")
