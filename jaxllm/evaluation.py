@@ -140,9 +140,8 @@ def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh
     tokenizer = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(run_dir) / "tokenizer.model")
     template = chat.ChatTemplate(tokenizer)
     if "reward" in report["stages"]:
-        with sharding.activate(mesh, rules):
-            lm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r), mesh, rules)
-            rm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r, head="scalar"), mesh, rules)
+        lm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r), mesh, rules)
+        rm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r, head="scalar"), mesh, rules)
         policies = {name: ckpt_lib.load_params(run_dir / name / "params", lm_abstract)
                     for name in POLICIES if name in report["stages"]}
         reward_params = ckpt_lib.load_params(run_dir / "reward" / "params", rm_abstract)

@@ -3,6 +3,7 @@
 import hashlib
 
 import ml_collections
+import numpy as np
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
@@ -163,6 +164,34 @@ def test_fingerprint_and_deterministic_training(trained, tmp_path):
     again = tokenizer.train_tokenizer(SMALL["bpe"], small_corpus(), tmp_path / "again.model")
     assert again.fingerprint == tok.fingerprint
     assert again.fingerprint != trained["unigram"].fingerprint
+
+
+def test_sampled_training_is_reproducible(tmp_path):
+    # More lines than input_sentence_size: SentencePiece's own sampling gave a different model on
+    # every run; jaxllm samples the lines itself with a fixed seed.
+    config = make_config(model_type="bpe", vocab_size=900, num_sentinels=16, input_sentence_size=300)
+    first = tokenizer.train_tokenizer(config, small_corpus(), tmp_path / "a.model")
+    second = tokenizer.train_tokenizer(config, small_corpus(), tmp_path / "b.model")
+    assert first.fingerprint == second.fingerprint
+    assert first.fingerprint != tokenizer.train_tokenizer(
+        make_config(model_type="bpe", vocab_size=900, num_sentinels=16, input_sentence_size=301),
+        small_corpus(), tmp_path / "c.model").fingerprint
+
+
+def test_sample_lines_is_a_seeded_uniform_sample():
+    lines = [f"line {i}" for i in range(50)]
+    assert tokenizer.sample_lines(lines, 0) == lines
+    assert tokenizer.sample_lines(lines, 80) == lines
+    sample = tokenizer.sample_lines(lines, 10, seed=3)
+    assert len(set(sample)) == 10 and sample == sorted(sample, key=lines.index)  # corpus order kept
+    assert tokenizer.sample_lines(lines, 10, seed=3) == sample
+    # Every line is kept with probability k/n = 0.2: over 2000 seeds each count is Binomial(2000, 0.2)
+    # (mean 400, sd 17.9); 6 sd either side.
+    counts = np.zeros(50)
+    for seed in range(2000):
+        for line in tokenizer.sample_lines(lines, 10, seed=seed):
+            counts[lines.index(line)] += 1
+    assert counts.sum() == 20000 and np.all(np.abs(counts - 400) < 6 * 17.9)
 
 
 def plain_spm_model(path_prefix) -> str:

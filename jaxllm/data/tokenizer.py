@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import random
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -53,7 +54,7 @@ VOCAB_MULTIPLE = 128
 # SentencePiece's own default (bytes); longer training lines are cut into chunks of at most this.
 MAX_SENTENCE_BYTES = 4192
 TOKENIZER_FILE = "tokenizer.model"
-_SPM_SEED = 0  # Fixed seed of SentencePiece's sentence sampling, so training is reproducible.
+_SPM_SEED = 0  # Fixed seed of the line sampling and of SentencePiece, so training is reproducible.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -255,6 +256,29 @@ def _lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
                     yield line[k : k + chunk]
 
 
+def sample_lines(lines: Iterable[str], k: int, seed: int = _SPM_SEED) -> list[str]:
+    """A uniform sample of `k` lines (all of them when there are at most `k`; `k` = 0: all).
+
+    Reservoir sampling (Vitter 1985, Algorithm R) with a seeded `random.Random`, so the sample, and
+    with it the trained tokenizer, is a pure function of the corpus. SentencePiece's own
+    `input_sentence_size` sampling is not: its generator seed does not reach the sampler on the
+    `sentence_iterator` path, and two trainings on the same corpus gave different models. Lines
+    keep their corpus order.
+    """
+    if k <= 0:
+        return list(lines)
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        if i < k:
+            reservoir.append((i, line))
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                reservoir[j] = (i, line)
+    return [line for _, line in sorted(reservoir)]
+
+
 def _trainer_options(config: ml_collections.ConfigDict) -> dict:
     model_type = str(config.model_type)
     if model_type not in MODEL_TYPES:
@@ -289,8 +313,8 @@ def _trainer_options(config: ml_collections.ConfigDict) -> dict:
         allow_whitespace_only_pieces=True,
         byte_fallback=bool(config.byte_fallback),
         character_coverage=1.0 if model_type == "char" else float(config.character_coverage),
-        input_sentence_size=int(config.input_sentence_size),
-        shuffle_input_sentence=True,
+        input_sentence_size=0,  # `sample_lines` samples (reproducibly) before SentencePiece sees them
+        shuffle_input_sentence=False,
         max_sentence_length=MAX_SENTENCE_BYTES,
         num_threads=len(os.sched_getaffinity(0)),
         minloglevel=1,  # warnings and errors only
@@ -352,7 +376,7 @@ def train_tokenizer(
     """Trains a SentencePiece model on documents and writes it to `out_path` atomically.
 
     Documents are split into lines (blank lines dropped; lines over 4192 bytes cut into chunks),
-    streamed to SentencePiece, which samples `input_sentence_size` of them. Nothing but the final
+    sampled (`sample_lines`: `input_sentence_size` of them, seeded) and passed to SentencePiece. Nothing but the final
     model touches disk. See the module docstring for the id layout.
 
     Args:
@@ -375,7 +399,8 @@ def train_tokenizer(
     spm.set_random_generator_seed(_SPM_SEED)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, counts), model_writer=model, **options
+            sentence_iterator=iter(sample_lines(_training_lines(texts, counts), int(config.input_sentence_size))),
+            model_writer=model, **options
         )
     except RuntimeError as e:
         if counts.get("error") is not None:

@@ -173,7 +173,7 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
             if c.whiten_advantages:
                 advantages = objectives.whiten(advantages, mask)
-            seq, positions, segment_ids, p, n_new = view
+            seq, positions, segment_ids, _, _ = view
             rollout = dict(seq=seq, positions=positions, segment_ids=segment_ids, mask=mask,
                            old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
             rollout = jax.lax.stop_gradient(rollout)
