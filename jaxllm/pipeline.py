@@ -22,6 +22,7 @@ from jaxllm import evaluation
 STAGE_MODULES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
                  "ppo": "jaxllm.train.ppo", "dpo": "jaxllm.train.dpo"}
 SHARED_KEYS = ("run_dir", "data_root", "seed", "mesh", "distributed")
+CONFIG_FILE = "pipeline_config.json"
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -43,6 +44,9 @@ def run(config: ml_collections.ConfigDict) -> bool:
     if unknown:
         raise config_lib.ConfigError(f"pipeline stages {unknown} unknown; expected some of {list(STAGE_MODULES)}")
     run_dir = pathlib.Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # `jaxllm eval --run RUN_DIR` reads its settings from here.
+    config_lib.save_json(config, run_dir / CONFIG_FILE)
     for stage in config.stages:
         if (run_dir / stage / "done.json").exists():
             logging.info("pipeline: %s already finished, skipping", stage)

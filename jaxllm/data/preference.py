@@ -254,6 +254,12 @@ def _record_group(record: dict, where: str, stats: PreferenceStats) -> dict | No
     return _normalize(prompt, responses, ranks, _margin(record, where), where, stats)
 
 
+def normalize_record(record: dict, where: str, stats: PreferenceStats | None = None) -> dict | None:
+    """One record's normalized group as `load_groups` returns it, or None for a counted skip
+    (module docstring, point 1; `stats` updated in place). Raises DataError naming `where`."""
+    return _record_group(record, where, stats if stats is not None else PreferenceStats())
+
+
 def build_rankings(pair_records: Sequence[dict], wheres: Sequence[str] | None = None) -> list[dict]:
     """Rebuilds ranking groups from OpenAssistant pair records (`oasst_en100_rankings`).
 

@@ -43,6 +43,9 @@ from jaxllm.train import reward
 from jaxllm.train import sft
 
 
+PTX = "ptx/"  # key prefix of the pretraining-mix batch inside a PPO batch
+
+
 def default_config() -> ml_collections.ConfigDict:
     """A complete PPO run config."""
     c = sft.default_config()
@@ -182,7 +185,7 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             mb = b // minibatches
             order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, 1000 + e), b)
                                      for e in range(epochs)]).reshape(epochs * minibatches, mb)
-            ptx = batch.get("ptx")
+            ptx = {k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)} or None
 
             def update(carry, xs):
                 params, opt_state = carry
@@ -283,7 +286,9 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
                             cache_dir=lm.resolve_cache_dir(config.data, config.run_dir), **common)
         import grain  # noqa: PLC0415
 
-        train_data = grain.experimental.ZipMapDataset([train_data, ptx]).map(lambda pair: {**pair[0], "ptx": pair[1]})
+        # Flat keys (`ptx/inputs`, ...): batches stay one level deep for `sharding.global_batch`.
+        train_data = grain.experimental.ZipMapDataset([train_data, ptx]).map(
+            lambda pair: {**pair[0], **{f"{PTX}{k}": v for k, v in pair[1].items()}})
 
     policy_dir = sft.source_stage_dir(config) / "params"
     reward_dir = sft.source_stage_dir(config).parent / config.reward_from / "params"

@@ -1,0 +1,196 @@
+"""The reward model's index of the last real token, its first train step's metrics, and DPO at step 0.
+
+- `reward.sequence_rewards` / `segment_last_indices` against a hand-computed case and a NumPy loop
+  on right-padded, left-padded and packed rows, and against the lengths of real preference batches.
+- One step of the reward stage (in-process, one device) on random SFT params: its logged `loss`,
+  `accuracy`, `margin` and mean rewards equal a float64 recomputation from the scalar head read at
+  each sequence's last token of the same first batch.
+- DPO at step 0: the policy is the reference, so every log-ratio is 0, the sigmoid loss is log 2
+  and the implicit rewards and margins are 0 (through the reference table and the loss fn).
+"""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import sharding
+from jaxllm.data import chat, lm, preference
+from jaxllm.models import llama
+from jaxllm.train import dpo, loop, metrics as metrics_lib, reward
+from test_inference import make_run, reference_rewards
+
+
+# ---------------------------------------------------------------------------------------------
+# The index of the last real token
+# ---------------------------------------------------------------------------------------------
+
+
+def test_last_token_index_by_hand():
+    segment_ids = jnp.array([
+        [1, 1, 1, 0, 0, 0],  # right-padded
+        [0, 0, 1, 1, 1, 1],  # left-padded
+        [1, 1, 2, 2, 2, 0],  # packed: two sequences, then padding
+        [0, 0, 0, 0, 0, 0],  # an empty padding row
+    ], jnp.int32)
+    assert reward.segment_last_indices(segment_ids, 3).tolist() == [
+        [2, -1, -1], [5, -1, -1], [1, 4, -1], [-1, -1, -1]]
+    scores = jnp.arange(24, dtype=jnp.float32).reshape(4, 6) / 10
+    # Right-padded rows of lengths 3 and 6: scores[0, 2] and scores[1, 5].
+    assert reward.sequence_rewards(scores[:2], jnp.array([3, 6])).tolist() == pytest.approx([0.2, 1.1])
+
+
+def numpy_last_indices(segment_ids, max_segments):
+    out = np.full((len(segment_ids), max_segments), -1)
+    for b, row in enumerate(segment_ids):
+        for t, s in enumerate(row):
+            if 1 <= s <= max_segments:
+                out[b, s - 1] = t
+    return out
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+def test_last_token_index_matches_a_numpy_loop(layout):
+    rng = np.random.default_rng({"right": 0, "left": 1, "packed": 2}[layout])
+    batch, length = 16, 12
+    segment_ids = np.zeros((batch, length), np.int32)
+    lengths = rng.integers(1, length + 1, batch)
+    for b, n in enumerate(lengths):
+        if layout == "right":
+            segment_ids[b, :n] = 1
+        elif layout == "left":
+            segment_ids[b, length - n:] = 1
+        else:
+            cuts = np.sort(rng.choice(np.arange(1, n), min(2, n - 1), replace=False)) if n > 1 else []
+            for s, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, n])):
+                segment_ids[b, lo:hi] = s + 1
+    got = np.asarray(reward.segment_last_indices(jnp.asarray(segment_ids), 3))
+    np.testing.assert_array_equal(got, numpy_last_indices(segment_ids, 3))
+    scores = rng.standard_normal((batch, length)).astype(np.float32)
+    if layout == "right":  # the reward stage's layout: lengths give the same index
+        np.testing.assert_array_equal(got[:, 0], lengths - 1)
+        np.testing.assert_array_equal(np.asarray(reward.sequence_rewards(jnp.asarray(scores), jnp.asarray(lengths))),
+                                      scores[np.arange(batch), lengths - 1])
+    elif layout == "left":  # every row's last real token is in the last column
+        assert (got[:, 0] == length - 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward stage: first step
+# ---------------------------------------------------------------------------------------------
+
+
+def pair(prompt, chosen, rejected):
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run with a random `sft` stage and a small preference file (pairs of different lengths)."""
+    root = tmp_path_factory.mktemp("reward_stage") / "run"
+    tok, model_config, params = make_run(root, stages=("sft",))
+    rng = np.random.default_rng(0)
+    words = ["yes", "no", "maybe later", "the answer is 4", "I do not know", "sure!"]
+    records = [pair(f"question {i}?" + "?" * int(rng.integers(0, 6)), words[i % 6], words[(i + 1) % 6] + "." * i)
+               for i in range(12)]
+    path = root.parent / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, tok, model_config, params["sft"], path
+
+
+def stage_config(module, root, path, **train):
+    config = module.default_config()
+    config.run_dir = str(root)
+    config.mesh.shape = (1, 1, 1)
+    config.data.update(sources=f"jsonl:{path}", eval_sources="", seq_len=48)
+    config.train.update(steps=1, batch_size=4, log_every=1, eval_every=0, progress_bar=False, **train)
+    config.checkpoint.update(every_steps=0, every_minutes=0.0, async_save=False)
+    config.optimizer.update(warmup_steps=1, decay_steps=10)  # the first step's learning rate is 0
+    return config
+
+
+def one_device_mesh(config):
+    return sharding.make_mesh(config.mesh, jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_reward_stage_first_step_metrics(run):
+    root, tok, model_config, sft_params, path = run
+    config = stage_config(reward, root, path)
+    mesh = one_device_mesh(config)
+    loop.run(config, reward.build_stage(config, tok, mesh), mesh)
+
+    (row,) = [r for r in metrics_lib.read_metrics(root / "reward") if "loss" in r]
+    assert row["step"] == 1
+    # Warmup starts at learning rate 0, so the first step leaves the params as they started:
+    # the exported params are the ones that produced the logged metrics.
+    assert row["learning_rate"] == 0.0
+    abstract = nn.unbox(jax.eval_shape(lambda: reward.init_scalar_params(model_config, jax.random.key(0))))
+    params = ckpt_lib.load_params(root / "reward" / "params", abstract)
+    for key, value in sft_params.items():  # the backbone came from the SFT params, the LM head did not
+        if key != "lm_head":
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params[key], value)
+    assert "lm_head" not in params and params["score_head"].shape == (model_config.embed_dim, 1)
+
+    # The first train batch, as the loop read it, scored independently.
+    batch = preference.preference_dataset(config.data, tok, split="train", global_batch_size=4, seed=config.seed,
+                                          cache_dir=lm.resolve_cache_dir(config.data, root))[0]
+    assert batch["response_mask"].all()
+    sequences = [batch["inputs"][g, k, :batch["lengths"][g, k]] for g in range(4) for k in range(2)]
+    rewards = np.asarray(reference_rewards(model_config, params, sequences), np.float64).reshape(4, 2)
+    rc, rr = rewards[:, 0], rewards[:, 1]
+    diff = rc - rr
+    assert np.abs(diff).min() > 1e-5  # no near-ties, so the accuracy is not decided by rounding
+    np.testing.assert_allclose(row["loss"], np.mean(np.log1p(np.exp(-diff))), rtol=1e-6)
+    assert row["accuracy"] == np.mean(diff > 0)
+    np.testing.assert_allclose(row["margin"], diff.mean(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(row["rewards/chosen"], rc.mean(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(row["rewards/rejected"], rr.mean(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(row["margin"], row["rewards/chosen"] - row["rewards/rejected"], rtol=1e-5, atol=1e-7)
+
+
+def test_preference_batches_put_the_last_token_at_lengths_minus_one(run):
+    root, tok, _, _, path = run
+    config = stage_config(reward, root, path)
+    data = preference.preference_dataset(config.data, tok, split="train", global_batch_size=4, seed=0)
+    template = chat.ChatTemplate(tok)
+    for batch in (data[0], data[1]):
+        segment_ids = batch["segment_ids"].reshape(8, -1)
+        last = np.asarray(reward.segment_last_indices(jnp.asarray(segment_ids), 1))[:, 0]
+        np.testing.assert_array_equal(last, batch["lengths"].reshape(-1) - 1)
+        # ... and that token closes the response's assistant turn.
+        assert (batch["inputs"].reshape(8, -1)[np.arange(8), last] == template.end_id).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO at step 0
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path):
+    root, tok, model_config, sft_params, path = run
+    config = stage_config(dpo, root, path)
+    mesh, rules = one_device_mesh(config), config.mesh.rules
+    common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
+    ordered = config.data.copy_and_resolve_references()
+    ordered.eval_sources = ordered.sources
+    table = dpo.reference_table(model_config, sft_params, preference.preference_dataset(
+        ordered, tok, split="eval", global_batch_size=4, **common), mesh, rules, tmp_path / "ref.npy")
+    data = dpo.with_reference(preference.preference_dataset(config.data, tok, split="train", global_batch_size=4,
+                                                            **common), table)
+    loss_fn = jax.jit(dpo.dpo_loss_fn(model_config, config.dpo))
+    with sharding.activate(mesh, rules):
+        loss_sum, sums = loss_fn(sft_params, sharding.global_batch(data[0], mesh, rules), None)
+    count = float(sums["count"])
+    assert count == 4
+    logps = float(sums["logps/chosen"]) / count
+    assert logps < -1.0  # real sequence log-probs, so a zero log-ratio is not trivial
+    np.testing.assert_allclose(float(loss_sum) / count, math.log(2.0), rtol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(float(sums[key]) / count) < 1e-6 * abs(logps), key
