@@ -11,6 +11,9 @@ Commands:
   eval        write RUN_DIR/report.md and report.json: `jaxllm eval --run RUN_DIR [--config ...]`
   compile     ahead-of-time fitting: `jaxllm compile --config ... --topology v5p:4x4x4 [--suggest]`
   sample      print generations from a finished stage: `jaxllm sample --run RUN_DIR [--prompt TEXT]`
+  generate    answer a JSONL prompt file: `jaxllm generate --run RUN_DIR --prompts FILE [--stage sft ...]`
+  chat        interactive chat on stdin/stdout: `jaxllm chat --run RUN_DIR [--system TEXT]`
+  score       reward-model scores of conversations / pairs: `jaxllm score --run RUN_DIR --input FILE`
 
 Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
 line naming the key, file or line, and exit with status 2.
@@ -26,7 +29,7 @@ from typing import Sequence
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
           "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
-COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile")
+COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -90,7 +93,12 @@ def cmd_stage(command: str, argv: Sequence[str]) -> int:
 
 
 def cmd_sample(argv: Sequence[str]) -> int:
-    """Samples from the exported params of a stage of a run."""
+    """Samples from the exported params of a stage of a run.
+
+    Span-corruption runs (T5, or a decoder-only prefix LM; `pretrain_t5.handles`) print the fill of
+    each sentinel instead: a `--prompt` holding `<extra_id_k>` pieces is filled as written, other text
+    is corrupted first (seeded by `--seed`); without `--prompt`, validation documents are.
+    """
     import jax
     import flax.linen as nn
 
@@ -99,24 +107,34 @@ def cmd_sample(argv: Sequence[str]) -> int:
     from jaxllm import sampling
     from jaxllm.data import tokenizer as tokenizer_lib
     from jaxllm.models import llama
+    from jaxllm.train import pretrain_t5
 
     parser = argparse.ArgumentParser(prog="jaxllm sample")
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--stage", default="pretrain")
-    parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: bos only")
+    parser.add_argument("--prompt", action="append",
+                        help="prompt text (repeatable); default: bos only (span corruption: validation documents)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default 0.8, or 0 for span-corruption runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     config = config_lib.load_json(os.path.join(args.run, args.stage, "config.json"))
     tok = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(args.run) / "tokenizer.model")
+    if pretrain_t5.handles(config):
+        params = pretrain_t5.load_params(config, os.path.join(args.run, args.stage, "params"))
+        blocks = pretrain_t5.fill_sentinels(config, tok, params, args.prompt, max_new_tokens=args.max_new_tokens,
+                                            temperature=args.temperature or 0.0, seed=args.seed)
+        print("\n".join(blocks))
+        return 0
+    temperature = 0.8 if args.temperature is None else args.temperature
     model_config = llama.LlamaConfig.from_config(config.model)
     abstract = nn.unbox(jax.eval_shape(lambda: llama.init(model_config, jax.random.key(0))))
     params = ckpt_lib.load_params(os.path.join(args.run, args.stage, "params"), abstract)
     prompts = args.prompt or [""]
     outs = sampling.generate(model_config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, temperature=temperature,
                              eos_id=tok.eos_id, seed=args.seed, max_context=config.data.seq_len)
     for prompt, out in zip(prompts, outs):
         print(f"--- prompt: {prompt!r}\n{prompt}{tok.decode(out)}")
@@ -133,22 +151,29 @@ def cmd_pipeline(argv: Sequence[str]) -> int:
     sharding.initialize_runtime(config)
     if not pipeline.run(config):
         return EXIT_PREEMPTED
-    config_lib.save_json(config, os.path.join(config.run_dir, "pipeline_config.json"))
     print(open(os.path.join(config.run_dir, "report.md"), encoding="utf-8").read())
     return 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    """Evaluates the finished stages of a run (`--run RUN_DIR`); settings from `--config` (a
-    pipeline config's `eval` section, default `configs/pipeline.py:tiny`)."""
+    """Evaluates the finished stages of a run (`--run RUN_DIR`). Settings: the `eval` section of
+    `--config` if given, else of the run's `pipeline_config.json`, else of `configs/pipeline.py:tiny`;
+    `--config.eval.KEY=VALUE` overrides either."""
     from jaxllm import config as config_lib
     from jaxllm import evaluation
+    from jaxllm import pipeline
 
     spec, overrides, rest = config_lib.parse_overrides(argv)
     parser = argparse.ArgumentParser(prog="jaxllm eval")
     parser.add_argument("--run", required=True, help="run directory")
     args = parser.parse_args(rest)
-    config = config_lib.build(spec or "configs/pipeline.py:tiny", overrides)
+    saved = os.path.join(args.run, pipeline.CONFIG_FILE)
+    if spec is None and os.path.exists(saved):
+        config = config_lib.load_json(saved)
+        for key, raw in overrides:
+            config_lib.apply_override(config, key, raw)
+    else:
+        config = config_lib.build(spec or "configs/pipeline.py:tiny", overrides)
     evaluation.evaluate_run(args.run, config.eval, None, config.data_root)
     print(open(os.path.join(args.run, "report.md"), encoding="utf-8").read())
     return 0
@@ -182,6 +207,184 @@ def cmd_compile(argv: Sequence[str]) -> int:
     return 0 if fit.fits else 1
 
 
+def _sampling_flags(parser: argparse.ArgumentParser, *, temperature: float) -> None:
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--stage", default="sft", help="a finished language-model stage (sft, dpo, ppo, pretrain)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cmd_generate(argv: Sequence[str]) -> int:
+    """Answers a JSONL file of chat prompts with a finished stage; prints the stop rate.
+
+    Prompts: any record `chat.load_prompts` reads; MT-Bench records (`turns`) are asked their first
+    turn only (the second refers to the model's first answer). Rows written, one per prompt:
+    `id`, `prompt` (the messages), `response`, `tokens` (generated ids), `num_tokens`, `stopped`
+    (the response ended with <|end|> or eos within --max_new_tokens), `prompt_tokens`,
+    `prompt_truncated`. Batch `k` samples with `fold_in(key(seed), k)` (`jaxllm.inference`).
+    """
+    import pathlib
+
+    import jax
+
+    from jaxllm import config as config_lib
+    from jaxllm import inference
+
+    parser = argparse.ArgumentParser(prog="jaxllm generate")
+    _sampling_flags(parser, temperature=0.0)
+    parser.add_argument("--prompts", required=True, help="JSONL prompt file")
+    parser.add_argument("--output", default="", help="default: RUN_DIR/<stage>/generations/<prompts stem>.jsonl")
+    parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--beam_size", type=int, default=1, help="> 1: beam search (deterministic)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="the first N prompts only (0 = all)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.limit < 0:
+        raise config_lib.ConfigError(f"need --batch_size >= 1 and --limit >= 0, got {args.batch_size}, {args.limit}")
+    records = inference.read_prompts(args.prompts, args.limit)
+    stage = inference.load_stage(args.run, args.stage)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, beam_size=args.beam_size)
+    inference.check_generation_args(**settings, max_context=stage.max_context)
+    stem = pathlib.Path(args.prompts).stem
+    output = pathlib.Path(args.output or stage.run_dir / stage.name / "generations" / f"{stem}.jsonl")
+    rows = []
+    for k, start in enumerate(range(0, len(records), args.batch_size)):
+        batch = records[start:start + args.batch_size]
+        outs = inference.generate(stage, [messages for _, messages in batch], rng=jax.random.fold_in(
+            jax.random.key(args.seed), k), rows=args.batch_size, **settings)
+        rows += [{"id": rid, "prompt": messages, "response": g.response, "tokens": g.tokens,
+                  "num_tokens": len(g.tokens), "stopped": g.stopped, "prompt_tokens": g.prompt_tokens,
+                  "prompt_truncated": g.prompt_truncated}
+                 for (rid, messages), g in zip(batch, outs)]
+        logging.info("generated %d/%d", len(rows), len(records))
+    inference.write_jsonl(output, rows)
+    stopped = sum(r["stopped"] for r in rows)
+    print(f"wrote {len(rows)} generations to {output}")
+    print(f"stop rate: {stopped / len(rows):.3f} ({stopped}/{len(rows)} responses ended with <|end|> or eos within "
+          f"max_new_tokens={args.max_new_tokens}); mean length {sum(r['num_tokens'] for r in rows) / len(rows):.1f} "
+          f"tokens; {sum(r['prompt_truncated'] for r in rows)} prompts truncated to the context of {stage.max_context}")
+    return 0
+
+
+def cmd_chat(argv: Sequence[str]) -> int:
+    """Chats with a finished stage: one stdin line per user turn, the reply on stdout (pipes work).
+
+    `/reset` clears the conversation (the --system message stays); `/exit` or end of input quits.
+    Every reply answers the whole conversation, re-rendered with the chat template. When the prompt
+    plus --max_new_tokens outgrow the model's context (its training seq_len), the oldest
+    user/assistant exchanges are dropped for good (the system message and the new turn stay).
+    `--transcript FILE` appends a JSON line per turn: the `messages` answered, `response`, `tokens`,
+    `stopped`, `prompt_tokens`, `dropped_turns`. Turn `k` samples with `fold_in(key(seed), k)`.
+    """
+    import json
+
+    import jax
+
+    from jaxllm import inference
+
+    parser = argparse.ArgumentParser(prog="jaxllm chat")
+    _sampling_flags(parser, temperature=0.7)
+    parser.add_argument("--system", default="", help="system message")
+    parser.add_argument("--transcript", default="", help="append each turn to this JSONL file")
+    args = parser.parse_args(argv)
+    stage = inference.load_stage(args.run, args.stage)
+    inference.check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0,
+                                    top_p=1.0, beam_size=1, max_context=stage.max_context)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages, turn = list(system), 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        text = line.rstrip("\r\n")
+        if not line or text.strip() == "/exit":
+            return 0
+        if text.strip() == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages, dropped = inference.fit_conversation(stage.template, messages + [{"role": "user", "content": text}],
+                                                       max(stage.max_context - args.max_new_tokens, 1))
+        if dropped:
+            print(f"(dropped the {dropped} oldest exchanges to fit the context of {stage.max_context} tokens)",
+                  file=sys.stderr)
+        (out,) = inference.generate(stage, [messages], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    rng=jax.random.fold_in(jax.random.key(args.seed), turn))
+        print(out.response, flush=True)
+        if args.transcript:
+            with open(args.transcript, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"turn": turn, "messages": messages, "response": out.response, "tokens": out.tokens,
+                                    "stopped": out.stopped, "prompt_tokens": out.prompt_tokens,
+                                    "dropped_turns": dropped}, ensure_ascii=False) + "\n")
+        messages, turn = messages + [{"role": "assistant", "content": out.response}], turn + 1
+
+
+def cmd_score(argv: Sequence[str]) -> int:
+    """Scores conversations and preference records with a reward model; prints the mean and accuracy.
+
+    Input records (`inference.read_scoring_records`): conversations (`messages`, ShareGPT, Alpaca,
+    `jaxllm generate` rows) get `reward`; pairs (`prompt` + `chosen`/`rejected`, HH transcripts)
+    get `reward_chosen` and `reward_rejected`; ranking groups `rewards` and `ranks`, best first.
+    Every row has `id` and `truncated`: a group longer than the reward model's seq_len keeps bos
+    and its end (the reward data's keep_end; counted). Preference records the reward data skips
+    (identical responses, no user content, all ranks tied) are skipped and counted. Accuracy: pairs
+    with reward_chosen > reward_rejected (a tie counts as wrong, as in the reward stage's metric).
+    """
+    import pathlib
+
+    import numpy as np
+
+    from jaxllm import config as config_lib
+    from jaxllm import inference
+    from jaxllm.data import preference
+
+    parser = argparse.ArgumentParser(prog="jaxllm score")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--stage", default="reward", help="a finished reward-model stage")
+    parser.add_argument("--input", required=True, help="JSONL conversations or preference records")
+    parser.add_argument("--output", default="", help="default: RUN_DIR/<stage>/scores/<input stem>.jsonl")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise config_lib.ConfigError(f"--batch_size={args.batch_size} must be >= 1")
+    stats = preference.PreferenceStats()
+    records = inference.read_scoring_records(args.input, stats)
+    stage = inference.load_stage(args.run, args.stage, head="scalar")
+    rewards, truncated = inference.score_groups(stage, [g for *_, g in records], batch_size=args.batch_size)
+    rows, pairs = [], []
+    for (rid, kind, group), r, cut in zip(records, rewards, truncated):
+        row = {"id": rid}
+        if kind != "group":
+            row["reward"] = float(r[0])
+        elif len(r) == 2:
+            row.update(reward_chosen=float(r[0]), reward_rejected=float(r[1]))
+            pairs.append(r)
+        else:
+            row.update(rewards=r.tolist(), ranks=group["ranks"])
+        rows.append({**row, "truncated": bool(cut)})
+    stem = pathlib.Path(args.input).stem
+    output = pathlib.Path(args.output or stage.run_dir / stage.name / "scores" / f"{stem}.jsonl")
+    inference.write_jsonl(output, rows)
+    print(f"wrote {len(rows)} rows to {output}")
+    flat = np.concatenate(rewards) if rewards else np.zeros(0)
+    if len(flat):
+        print(f"mean reward {flat.mean():.4f} over {len(flat)} sequences ({len(rows)} records)")
+    if pairs:
+        rc, rr = np.asarray(pairs).T
+        print(f"pairs: {len(pairs)}, accuracy {np.mean(rc > rr):.4f} (reward_chosen > reward_rejected), mean margin "
+              f"{np.mean(rc - rr):.4f}, mean reward chosen {rc.mean():.4f}, rejected {rr.mean():.4f}")
+    print(f"truncated to seq_len={stage.max_context}: {int(truncated.sum())} of {len(rows)}; skipped preference "
+          f"records: {stats.skipped_identical} identical, {stats.skipped_empty_prompt} empty prompt, "
+          f"{stats.skipped_no_ordered_pair} without an ordered pair")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxllm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -194,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in STAGES:
             return cmd_stage(command, rest)
         handlers = {"pipeline": cmd_pipeline, "tokenizer": cmd_tokenizer, "eval": cmd_eval, "sample": cmd_sample,
-                    "compile": cmd_compile}
+                    "compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat, "score": cmd_score}
         return handlers[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)

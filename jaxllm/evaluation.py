@@ -130,7 +130,9 @@ def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh
         raise config_lib.ConfigError(f"{run_dir} has no finished sft stage to evaluate")
     if "reward" in report["stages"]:
         ev = report["stages"]["reward"].get("eval", {})
-        report["reward_model"] = {k[len("eval/"):]: v for k, v in ev.items() if k.endswith("accuracy")}
+        # `eval/accuracy` (one held-out set) or `eval/<split>/accuracy` (several).
+        report["reward_model"] = {k[len("eval/"):-len("accuracy")].rstrip("/") or "held-out": v
+                                  for k, v in ev.items() if k.endswith("accuracy")}
 
     sft_config = config_lib.load_json(run_dir / "sft" / "config.json")
     model_config = llama.LlamaConfig.from_config(sft_config.model)
@@ -177,15 +179,16 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
     lines = [f"# jaxllm report: {run_dir.name}", ""]
     if "policies" in report:
         lines += ["## Policies on held-out prompts (reward model of this run)", "",
-                  "| policy | mean reward | win rate vs SFT | KL to SFT | mean length | missing eos |",
+                  "| policy | mean reward | win rate vs SFT | KL to SFT (nats/response) | mean length (tokens) | missing eos |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, p in report["policies"].items():
             lines.append(f"| {name} | {p['mean_reward']:.4f} | {p['win_rate_vs_sft']:.3f} | {p['kl_to_sft']:.3f} | "
                          f"{p['mean_length']:.1f} | {p['missing_eos_rate']:.3f} |")
         lines += ["", f"{next(iter(report['policies'].values()))['prompts']} prompts.", ""]
     if "reward_model" in report:
-        lines += ["## Reward model held-out accuracy", "", "| split | accuracy |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in report["reward_model"].items()]
+        # Chance: a scorer that ignores the text ranks a pair right half the time.
+        lines += ["## Reward model held-out accuracy", "", "| split | accuracy | chance |", "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {v:.4f} | 0.5 |" for k, v in report["reward_model"].items()]
         lines.append("")
     lines += ["## Stages", ""]
     for stage, s in report["stages"].items():

@@ -79,7 +79,7 @@ def test_report_has_every_section(reference):
     for policy in report["policies"].values():
         assert policy["prompts"] == 8
         assert 0.0 <= policy["missing_eos_rate"] <= 1.0 and 0 < policy["mean_length"] <= 8
-    assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
+    assert 0.0 <= report["reward_model"]["held-out"] <= 1.0
     assert len(report["samples"]) == 2 and set(report["samples"][0]) == {"prompt", "sft", "ppo", "dpo"}
     md = (run_dir / "report.md").read_text()
     for policy in ("sft", "ppo", "dpo"):

@@ -1,6 +1,8 @@
 """T5 v1.1 against an independent float64 NumPy implementation, and its invariances."""
 
 import math
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -272,7 +274,8 @@ def mesh_config(mesh_shape):
 
 
 def train(config, params, batches, devices):
-    """Three train steps from `params` on a mesh over `devices`: (losses, final state)."""
+    """Three train steps from `params` on a mesh over `devices`: (initial logits of the first batch,
+    losses, final state)."""
     model = t5.T5Config.from_config(config.model)
     stage = loop.Stage(name="pretrain", init_params=lambda rng: t5.init(model, rng),
                        loss_fn=pretrain_t5.t5_loss_fn(model), train_data=None)
@@ -281,10 +284,12 @@ def train(config, params, batches, devices):
     losses = []
     with sharding.activate(mesh, config.mesh.rules):
         state = compiled.state_from_params(params)  # one host init shared by all meshes
+        logits = np.asarray(jax.jit(lambda p, b: t5.apply(model, p, b))(
+            state.params, sharding.global_batch(batches[0], mesh, config.mesh.rules)))
         for batch in batches:
             state, metrics = compiled.train_step(state, sharding.global_batch(batch, mesh, config.mesh.rules))
             losses.append(float(metrics["loss_sum"] / metrics["count"]))
-    return losses, state
+    return logits, losses, state
 
 
 @pytest.fixture(scope="module")
@@ -297,9 +302,10 @@ def single_device_run():
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
-def test_mesh_does_not_change_training(mesh_shape, single_device_run):
-    params, batches, (want_losses, want_state) = single_device_run
-    losses, state = train(mesh_config(mesh_shape), params, batches, jax.devices())
+def test_mesh_does_not_change_logits_or_training(mesh_shape, single_device_run):
+    params, batches, (want_logits, want_losses, want_state) = single_device_run
+    logits, losses, state = train(mesh_config(mesh_shape), params, batches, jax.devices())
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-5)
     assert losses[-1] < losses[0]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
@@ -308,3 +314,104 @@ def test_mesh_does_not_change_training(mesh_shape, single_device_run):
         layer = state.params["encoder"]["layers_0"]
         assert layer["attention"]["query"].addressable_shards[0].data.shape == (64, 1, 8)
         assert layer["mlp"]["wi_0"].addressable_shards[0].data.shape == (64, 16)
+
+
+# ---- Samples and the command line --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def char_tok(tmp_path_factory):
+    from jaxllm.data import tokenizer
+
+    config = tokenizer.default_config()
+    config.update(model_type="char", byte_fallback=False, vocab_size=256, num_sentinels=100)
+    text = ["the quick brown fox jumps over a lazy dog. THE END\n" * 3]
+    return tokenizer.train_tokenizer(config, text, tmp_path_factory.mktemp("tok") / "char.model")
+
+
+def filler_config(denoisers=""):
+    c = pretrain_t5.default_config()
+    c.data.update(inputs_length=64, denoisers=denoisers)
+    return c
+
+
+def test_sentinel_filler_corrupts_and_renders_text(char_tok):
+    text = "the quick brown fox jumps over a lazy dog"
+    for denoisers in ("", "X(4,0.5) S(0.25)"):
+        filler = pretrain_t5.SentinelFiller(filler_config(denoisers), char_tok)
+        inputs, targets = filler.from_text(text, np.random.default_rng(0))
+        if denoisers:  # the first span denoiser, with its [NLG] mode token (<extra_id_98>)
+            assert filler.denoiser.kind == "X" and inputs[0] == char_tok.sentinel_id(98)
+        rendered = filler.render(inputs, targets)
+        assert rendered.replace("[[", "").replace("]]", "") == text
+        fills = filler.fills(inputs, targets)
+        assert [piece for piece, _ in fills] == [f"<extra_id_{k}>" for k in range(len(fills))] and fills
+        assert re.findall(r"\[\[(.*?)\]\]", rendered, re.S) == [fill for _, fill in fills]
+    # Text that already holds sentinels is filled as written (+ eos); a generated span fills it.
+    filler = pretrain_t5.SentinelFiller(filler_config(), char_tok)
+    inputs, targets = filler.from_text("the <extra_id_0> fox", np.random.default_rng(0))
+    assert targets is None
+    assert inputs.tolist() == char_tok.encode("the <extra_id_0> fox") + [char_tok.eos_id]
+    generated = [char_tok.sentinel_id(0)] + char_tok.encode("quick") + [char_tok.eos_id]
+    assert filler.render(inputs, generated) == "the [[quick]] fox"
+    assert filler.fills(inputs, generated) == [("<extra_id_0>", "quick")]
+    with pytest.raises(ConfigError, match="at least 2"):
+        filler.from_text("t", np.random.default_rng(0))
+
+
+def test_family_and_format_must_match():
+    c = pretrain_t5.default_config()
+    c.model.vocab_size = 128
+    c.data.format = "prefix_lm"
+    with pytest.raises(ConfigError, match="data.format"):
+        pretrain_t5.build_model(c)
+    llama_run = pretrain_t5.default_config("llama")
+    assert llama_run.data.format == "prefix_lm" and pretrain_t5.handles(llama_run)
+    from jaxllm.train import pretrain
+
+    assert pretrain_t5.handles(c) and not pretrain_t5.handles(pretrain.default_config())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["t5", "prefix_lm"])
+def test_pretrain_and_sample_commands(arg, tmp_path):
+    # `jaxllm pretrain` routes span-corruption configs to pretrain_t5; `jaxllm sample` fills sentinels.
+    from test_cli import describe, jaxllm, read_rows, subprocess_env, write_corpus
+
+    env = subprocess_env(tmp_path / "jax_cache")
+    corpus, run_dir = write_corpus(tmp_path / "corpus"), tmp_path / "run"
+    config = f"{pathlib.Path(__file__).parent / 'configs' / 'small_t5.py'}:{arg}"
+    proc = jaxllm(env, "pretrain", "--config", config, f"--config.data_root={corpus}",
+                  f"--config.run_dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    evals = [r["eval/loss"] for r in read_rows(run_dir / "pretrain" / "metrics.jsonl") if "eval/loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    samples = read_rows(run_dir / "pretrain" / "samples.jsonl")
+    assert samples and "[[" in samples[0]["text"] and "||| truth:" in samples[0]["text"]
+    prompts = ["the quick <extra_id_0> fox jumps over <extra_id_1> dog", "seven wizards quietly judge boxing matches"]
+    proc = jaxllm(env, "sample", "--run", run_dir, "--prompt", prompts[0], "--prompt", prompts[1],
+                  "--max_new_tokens", "12", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    blocks = proc.stdout.split("--- prompt: ")[1:]
+    assert [b.partition("\n")[0] for b in blocks] == [repr(p) for p in prompts]
+    lines = blocks[0].splitlines()
+    assert lines[1] == f"input:  {prompts[0]}"
+    assert lines[2].startswith("<extra_id_0> -> ") and lines[3].startswith("<extra_id_1> -> ")
+    assert lines[4].startswith("filled: the quick [[") and "truth:" not in blocks[0]
+    truth = [line for line in blocks[1].splitlines() if line.startswith("truth:  ")]
+    assert len(truth) == 1 and truth[0][8:].replace("[[", "").replace("]]", "") == prompts[1]
+
+
+@pytest.mark.slow
+def test_bad_span_settings_fail_with_one_clear_line(tmp_path):
+    from test_cli import EXIT_USAGE, describe, jaxllm, subprocess_env, write_corpus
+
+    env = subprocess_env(tmp_path / "jax_cache")
+    corpus = write_corpus(tmp_path / "corpus")
+    config = str(pathlib.Path(__file__).parent / "configs" / "small_t5.py")
+    for override, message in [("--config.data.noise_density=1.5", "data.noise_density=1.5 must be in (0, 1)"),
+                              ("--config.tokenizer.num_sentinels=1", "tokenizer.num_sentinels")]:
+        proc = jaxllm(env, "pretrain", "--config", config, f"--config.data_root={corpus}",
+                      f"--config.run_dir={tmp_path / override[-4:]}", override, cwd=tmp_path)
+        assert proc.returncode == EXIT_USAGE, describe(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxllm pretrain: error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr, describe(proc)

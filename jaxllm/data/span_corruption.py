@@ -39,10 +39,11 @@ dropped. Each denoiser reads its own window stream (raw lengths differ); `grain.
 interleaves them deterministically, realising the rates exactly rather than iid as UL2's
 `sample_from_datasets`. `lm._ProcessSlice` gives each process its rows of each global batch.
 
-**Decoder-only prefix LM** (`format="prefix_lm"`): each piece becomes `inputs ++ targets` (with
-their eos) in one row of `seq_len + 1` tokens; the batch has `inputs, targets, segment_ids,
-positions, loss_mask` (as `jaxllm.data.lm`) plus `prefix_mask` (1 on input positions inside the
-corrupted inputs). The model must attend with `prefix_lm_attention_mask`:
+**Decoder-only prefix LM** (`format="prefix_lm"`, `data.format`): each piece becomes `inputs ++
+targets` (with their eos) in one row of `seq_len + 1` tokens; the batch has `inputs, targets,
+segment_ids, positions, loss_mask` (as `jaxllm.data.lm`) plus `prefix_mask` (1 on input positions
+inside the corrupted inputs). The model must attend with `prefix_lm_attention_mask`
+(`llama.apply(..., prefix_mask=...)` does):
 `mask[b, i, j] = seg[b, i] == seg[b, j] and (j <= i or (prefix[b, i] and prefix[b, j]))`:
 bidirectional over each piece's prefix, causal after it. The loss covers only target tokens.
 """
@@ -86,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mean_noise_span_length = 3.0  # T5's mu
     c.denoisers = ""  # UL2 mixture (see the module docstring); "" = T5 span corruption with the above
     c.mode_tokens = True  # prepend [NLU]/[NLG]/[S2S] when `denoisers` is set
+    c.format = "t5"  # "t5": encoder-decoder batches; "prefix_lm": decoder-only rows of inputs_length tokens
     c.cache_dir = ""  # "" = RUN_DIR/cache
     c.tokenize_threads = 0
     return c
@@ -376,7 +378,7 @@ def make_layout(denoisers: Sequence[Denoiser], *, format: str = "t5", inputs_len
         the format.
     """
     if format not in FORMATS:
-        raise ConfigError(f"span corruption format={format!r}; expected one of {FORMATS}")
+        raise ConfigError(f"data.format={format!r}; expected one of {FORMATS}")
     if inputs_length < 4:
         raise ConfigError(f"data.inputs_length={inputs_length} must be >= 4")
     raws = []

@@ -64,7 +64,8 @@ def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple
     """Cosine and sine tables of rotary position embeddings (Su et al. 2021, RoFormer eq. 34).
 
     Uses the rotate-half layout of GPT-NeoX / Hugging Face LLaMA: frequency `i` pairs dimension `i`
-    with dimension `i + head_dim/2`, `inv_freq_i = theta^(-2i/head_dim)`.
+    with dimension `i + head_dim/2`, `inv_freq_i = theta^(-2i/head_dim)`, so one table entry per
+    frequency serves both dimensions of its pair.
 
     Args:
       positions: `[batch, length]` int positions.
@@ -72,24 +73,44 @@ def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple
       theta: RoPE base (10000 for LLaMA-2, 500000 for LLaMA-3, 1000000 for Qwen2.5).
 
     Returns:
-      `(cos, sin)`, each `[batch, length, head_dim]` float32.
+      `(cos, sin)`, each `[batch, length, head_dim // 2]` float32.
     """
+    half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    tables = computed_once(jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1))
+    return tables[..., :half], tables[..., half:]
+
+
+def computed_once(x: jax.Array) -> jax.Array:
+    """`x` `[..., features]` float32, unchanged, materialised once instead of inside each consumer.
+
+    XLA fuses elementwise producers into every consumer and recomputes them per output element: the
+    RoPE tables, broadcast over heads and used by the forward and backward rotations of q and k,
+    had their cos/sin evaluated ~`heads * 8` times per table entry on CPU, which cost ~7% of the
+    baby-GPT train step (bench/train_throughput.py). `jax.lax.optimization_barrier` does not stop
+    this: XLA:CPU removes barriers before fusion. A product with the identity is a dot, which XLA
+    does not fuse into elementwise loops, and is exact (`x * 1 + 0 + ... + 0`; `HIGHEST` keeps
+    accelerators from rounding the operands to bfloat16).
+    """
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.dot(x, eye, precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates `x` `[batch, length, heads, head_dim]` by the tables from `rope_frequencies`.
+    """Rotates `x` `[batch, length, ..., head_dim]` by the tables from `rope_frequencies`.
 
-    `x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]`; computed in float32,
-    returned in `x.dtype`.
+    `x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]`, written per half
+    (`[x1 cos - x2 sin, x2 cos + x1 sin]`) so no negated copy of `x` is built; the tables
+    `[batch, length, head_dim // 2]` broadcast over the axes between length and head_dim (heads, or
+    q/k and heads). Computed in float32, returned in `x.dtype`.
     """
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[-1:]
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
@@ -141,16 +162,34 @@ def dot_product_attention(
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads (Ainslie et al. 2023).
 
+    `softmax(q k^T / sqrt(head_dim), masked) v` (Vaswani et al. 2017, eq. 1). With
+    `implementation="xla"`, or `None` on CPU, it is written out here with einsums; otherwise it is
+    `jax.nn.dot_product_attention` (`None` lets JAX choose, e.g. the fused cuDNN kernel on GPU;
+    "cudnn" asks for it). The einsum form ran the baby-GPT step's attention ~1.8x faster on CPU than
+    `jax.nn.dot_product_attention`'s XLA path, which vmaps over the query groups.
+
     Args:
       query: `[batch, q_length, heads, head_dim]`.
       key, value: `[batch, kv_length, kv_heads, head_dim]`, `heads % kv_heads == 0`.
-      mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`; True = may attend.
-      implementation: passed to `jax.nn.dot_product_attention` (`None` lets JAX choose; "xla";
-        "cudnn" for the fused GPU kernel).
+      mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`; True = may attend. Every
+        query row needs at least one True (the masks of this module guarantee it).
+      implementation: None, "xla" or "cudnn".
 
     Returns:
-      `[batch, q_length, heads, head_dim]` in `query.dtype`; softmax runs in float32.
+      `[batch, q_length, heads, head_dim]` in `query.dtype`; scores and softmax in float32.
     """
-    return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, implementation=implementation
-    )
+    if implementation == "xla" or (implementation is None and jax.default_backend() == "cpu"):
+        return _einsum_attention(query, key, value, mask)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+
+
+def _einsum_attention(query, key, value, mask):
+    heads, kv_heads, head_dim = query.shape[2], key.shape[2], query.shape[3]
+    if heads != kv_heads:  # query head i reads kv head i // group, as jax.nn groups them
+        key = jnp.repeat(key, heads // kv_heads, axis=2)
+        value = jnp.repeat(value, heads // kv_heads, axis=2)
+    query = query * jnp.asarray(head_dim**-0.5, query.dtype)
+    scores = jnp.einsum("blhd,bmhd->bhlm", query, key, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhlm,bmhd->blhd", probs, value).astype(query.dtype)

@@ -128,5 +128,13 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
 
 
 def run(config: ml_collections.ConfigDict) -> loop.Result:
-    """Runs the stage (training the run's tokenizer first if it has none); returns the loop's result."""
+    """Runs the stage (training the run's tokenizer first if it has none); returns the loop's result.
+
+    T5 models and decoder-only prefix LMs (`data.format == "prefix_lm"`) pretrain with span
+    corruption / UL2 denoisers instead: `jaxllm.train.pretrain_t5`.
+    """
+    from jaxllm.train import pretrain_t5  # imported here: pretrain_t5 builds on this module
+
+    if pretrain_t5.handles(config):
+        return pretrain_t5.run(config)
     return loop.run_stage(config, build_stage)
