@@ -38,7 +38,7 @@ def get_config(arg: str = "tiny"):
         c.data.sources = "text:{data_root}/pretrain/*/train.txt"
         c.data.seq_len = 256
         c.ppo.ptx_coef = 0.5
-        c.train.update(steps=60, batch_size=32)
+        c.train.update(steps=40, batch_size=32)
         c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=20)
     else:
         raise KeyError(f"unknown ppo config {arg!r}; expected tiny or real")

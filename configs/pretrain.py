@@ -55,7 +55,7 @@ def get_config(arg: str = "tiny"):
         c.data.eval_sources = ";".join(f"text:{{data_root}}/pretrain/{name}/validation.txt" for name in PRETRAIN_SETS)
         c.model.update(llama.PRESETS["tiny"])
         c.data.seq_len = 256
-        c.train.update(steps=1500, batch_size=16, eval_every=250, eval_batches=40, log_every=25)
+        c.train.update(steps=1000, batch_size=16, eval_every=250, eval_batches=40, log_every=25)
         c.optimizer.update(lr=2e-3, min_lr=2e-4, warmup_steps=100)
         c.sample.prompts = ("The ", "Once upon a time")
 

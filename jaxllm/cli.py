@@ -143,7 +143,6 @@ def cmd_sample(argv: Sequence[str]) -> int:
 
 def cmd_pipeline(argv: Sequence[str]) -> int:
     """Runs every stage of the pipeline config, then the evaluation."""
-    from jaxllm import config as config_lib
     from jaxllm import pipeline
     from jaxllm import sharding
 

@@ -21,7 +21,6 @@ import pytest
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import sharding
 from jaxllm.data import chat, lm, preference
-from jaxllm.models import llama
 from jaxllm.train import dpo, loop, metrics as metrics_lib, reward
 from test_inference import make_run, reference_rewards
 

@@ -112,7 +112,7 @@ def segments(rows):
 
 
 def test_mixed_formats_in_one_file_and_stats(tmp_path):
-    path = write_jsonl(
+    write_jsonl(
         tmp_path / "mixed.jsonl",
         [
             {"messages": conversation("Hi.", "Hello.")},
@@ -183,7 +183,7 @@ def test_source_spec_errors(tok, tmp_path):
     ]:
         with pytest.raises(DataError, match=match):
             build(data_config(**{"sources": f"jsonl:{path}", "seq_len": 16, **overrides}), tok)
-    assert sft.load_conversations(f"jsonl:{{data_root}}/d.jsonl", data_root=str(tmp_path))
+    assert sft.load_conversations("jsonl:{data_root}/d.jsonl", data_root=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

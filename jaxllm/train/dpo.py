@@ -13,9 +13,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

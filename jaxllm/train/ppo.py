@@ -39,7 +39,6 @@ from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.models import llama
 from jaxllm.train import loop
 from jaxllm.train import pretrain
-from jaxllm.train import reward
 from jaxllm.train import sft
 
 

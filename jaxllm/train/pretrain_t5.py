@@ -35,7 +35,6 @@ import numpy as np
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import objectives
 from jaxllm import sampling
-from jaxllm import sharding
 from jaxllm.config import ConfigError
 from jaxllm.data import lm
 from jaxllm.data import sources
@@ -44,7 +43,6 @@ from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.models import llama
 from jaxllm.models import t5
 from jaxllm.train import loop
-from jaxllm.train import optim
 from jaxllm.train import pretrain
 
 
@@ -57,21 +55,13 @@ def default_config(model_family: str = "t5") -> ml_collections.ConfigDict:
     """
     if model_family not in ("t5", "llama"):
         raise ConfigError(f"model family {model_family!r}; expected 't5' or 'llama'")
-    c = ml_collections.ConfigDict()
-    c.stage = "pretrain"
+    c = pretrain.default_config()  # causal-LM pretraining with its data, model and sample sections swapped
     c.run_dir = "runs/pretrain_t5"
-    c.data_root = "../shared/data"
-    c.seed = 0
-    c.mesh = sharding.default_config()
-    c.distributed = sharding.distributed_config()
-    c.tokenizer = tokenizer_lib.default_config()
     c.data = span_corruption.default_config()
-    c.model = t5.default_config() if model_family == "t5" else llama.default_config()
-    if model_family == "llama":
+    if model_family == "t5":
+        c.model = t5.default_config()
+    else:
         c.data.format = "prefix_lm"
-    c.optimizer = optim.default_config()
-    c.train = loop.default_config()
-    c.checkpoint = ckpt_lib.default_config()
     c.sample = sample_config()
     return c
 

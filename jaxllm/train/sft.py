@@ -17,7 +17,6 @@ import ml_collections
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
 from jaxllm import sampling
-from jaxllm import sharding
 from jaxllm.data import chat
 from jaxllm.data import lm
 from jaxllm.data import sft as sft_data
