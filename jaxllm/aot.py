@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -52,19 +54,25 @@ class Fit:
     batch_bytes: int
     temp_bytes: int  # XLA temporaries: activations, gradients, workspace
     total_bytes: int  # arguments + outputs - aliased + temporaries
+    argument_bytes: int  # the compiled step's inputs per device (state + batch), from XLA
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated inputs (the new train state)
     hbm_bytes: int
     flops: float  # model FLOPs per device per step (MaxText's count; XLA's cost analysis counts a
     # scanned layer body once, so it is not used)
+    error: str = ""  # the compiler's out-of-memory message when it refused the step (sizes then
+    # come from that message, see `_out_of_memory_fit`; output and alias bytes are 0)
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
+        return not self.error and 0 <= self.total_bytes <= self.hbm_bytes
 
     def table_row(self) -> str:
         g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
         return (f"{self.topology:>10} {self.num_devices:5d} {str(tuple(self.mesh_shape.values())):>13} "
                 f"{g(self.param_bytes)} {g(self.opt_state_bytes)} {g(self.batch_bytes)} {g(self.temp_bytes)} "
-                f"{g(self.total_bytes)} {g(self.hbm_bytes)} {self.flops / 1e12:9.1f}  {'yes' if self.fits else 'NO'}")
+                f"{g(self.total_bytes)} {g(self.hbm_bytes)} {self.flops / 1e12:9.1f}  {'yes' if self.fits else 'NO'}"
+                + ("  (XLA: out of HBM)" if self.error else ""))
 
 
 HEADER = (f"{'topology':>10} {'chips':>5} {'mesh':>13} {'params':>7} {'opt':>7} {'batch':>7} {'temp':>7} "
@@ -84,16 +92,32 @@ def generation(topology: str) -> str:
 
 
 def topology_devices(topology: str) -> list[Any]:
-    """Compile-only devices of a TPU slice (needs `libtpu`).
+    """Compile-only devices of a TPU slice (needs `libtpu`), one per chip.
+
+    libtpu lays slices out in hosts of 2x2x1 chips; a smaller slice (`v5e:1x1`) is one host of its
+    own size. v4 chips hold two TensorCores that libtpu would list as two devices: the "megacore"
+    configuration makes them one device per chip, as JAX shows them on a v4 VM (and as v5p is by
+    default), so per-device memory compares with the chip's HBM.
 
     Raises:
       TopologyError: bad name, or libtpu missing.
     """
-    generation(topology)
+    gen = generation(topology)
+    dims = [int(d) for d in topology.partition(":")[2].split("x")]
+    dims += [1] * (3 - len(dims))
+    options: dict[str, Any] = {}
+    host = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
+    if host != (2, 2, 1):
+        options["chips_per_host_bounds"] = host
+    if gen == "v4":
+        options["chip_config_name"] = "megacore"
+    # A compile-only client opens no chip, so the lock that keeps two processes off one host's
+    # TPUs would only stop two `jaxllm compile` (or a test and its subprocess) running together.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
-        return list(topologies.get_topology_desc(topology, "tpu").devices)
+        return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
     except (RuntimeError, NotImplementedError) as e:
         raise TopologyError(f"cannot describe TPU topology {topology!r} ({e}); is libtpu installed "
                             f"(pip install 'jaxllm[tpu]')?") from None
@@ -129,19 +153,64 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any], topo
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
              for k in ("inputs", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch_sharding)
-    with sharding.activate(mesh, config.mesh.rules):
-        executable = compiled.train_step.lower(compiled.abstract_state, batch).compile()
-    memory = executable.memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes)
-    gen = topology.partition(":")[0]
-    return Fit(
+    common = dict(
         topology=topology, num_devices=len(devices), mesh_shape=dict(mesh.shape),
         param_bytes=_bytes_per_device(compiled.abstract_state.params),
         opt_state_bytes=_bytes_per_device(compiled.abstract_state.opt_state),
-        batch_bytes=_bytes_per_device(batch), temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
-        hbm_bytes=HBM_BYTES.get(gen, 0),
+        batch_bytes=_bytes_per_device(batch), hbm_bytes=HBM_BYTES.get(topology.partition(":")[0], 0),
         flops=llama.flops_per_token(model_config, length) * rows * length / len(devices))
+    try:
+        with sharding.activate(mesh, config.mesh.rules):
+            executable = compiled.train_step.lower(compiled.abstract_state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _out_of_memory_fit(str(e), common)
+    memory = executable.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes)
+    return Fit(**common, temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
+               argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+               alias_bytes=memory.alias_size_in_bytes)
+
+
+_SIZE = r"([\d.]+)([KMGT]?)(?:i?B)?"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _size(match: re.Match, group: int) -> int:
+    return int(float(match.group(group)) * _UNITS[match.group(group + 1)])
+
+
+def _out_of_memory_fit(message: str, common: dict[str, Any]) -> Fit:
+    """A Fit from the TPU compiler's refusal of a step that does not fit in HBM.
+
+    XLA:TPU stops compiling when a program cannot fit and says why, in one of two forms (libtpu
+    0.0.42): "Ran out of memory in memory space hbm. Used X of Y hbm ..." with a breakdown that
+    lists "arguments A" and "HLO temp T", or "the total memory required for HLO temporaries (T)
+    exceeds available HBM (Y)". Sizes are binary (G = GiB: v5e's 16 GiB shows as 15.48G available
+    after 530M reserved). Missing parts are estimated: arguments = params + optimizer state + batch
+    (per chip, from the shardings), total = arguments + temporaries. `hbm_bytes` becomes the
+    compiler's available HBM, and the first line of the message goes to `error`.
+    """
+    estimated_args = common["param_bytes"] + common["opt_state_bytes"] + common["batch_bytes"]
+    used = re.search(rf"Used {_SIZE} of {_SIZE} hbm", message)
+    temporaries = re.search(rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)", message)
+    arguments = re.search(rf"^\s*arguments\s+{_SIZE}", message, re.M)
+    temp = re.search(rf"^\s*HLO temp\s+{_SIZE}", message, re.M)
+    args = _size(arguments, 1) if arguments else estimated_args
+    hbm = common["hbm_bytes"]
+    if used:
+        total, hbm = _size(used, 1), _size(used, 3)
+        temp_bytes = _size(temp, 1) if temp else max(total - args, 0)
+    elif temporaries:
+        temp_bytes, hbm = _size(temporaries, 1), _size(temporaries, 3)
+        total = args + temp_bytes
+    else:
+        temp_bytes, total = -1, -1
+    first_line = message.strip().splitlines()[0]
+    return Fit(**{**common, "hbm_bytes": hbm}, temp_bytes=temp_bytes, total_bytes=total, argument_bytes=args,
+               output_bytes=0, alias_bytes=0, error=first_line)
 
 
 def suggest(config: ml_collections.ConfigDict, gen: str) -> list[Fit]:

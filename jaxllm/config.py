@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import uuid
 from typing import Any, Sequence
 
 import ml_collections
@@ -183,7 +184,8 @@ def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> Non
     """Writes the resolved config as JSON atomically."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # One temporary name per writer: every host of a multi-host run writes the same file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

@@ -433,6 +433,7 @@ for rank in range(n):
 @pytest.mark.parametrize("mode, local_ids", [("per-gpu", "0"), ("per-node", "0,1,2,3,4,5,6,7")])
 def test_slurm_tasks_receive_their_own_process_id(tmp_path, mode, local_ids):
     from jaxllm import config as config_lib
+    from jaxllm import sharding
 
     _, script = heredoc(slurm("--mode", mode).stdout)
     received = run_batch_script(tmp_path, script, ntasks=4)
@@ -450,6 +451,10 @@ def test_slurm_tasks_receive_their_own_process_id(tmp_path, mode, local_ids):
         assert config.distributed.process_id == rank and config.distributed.num_processes == 4
         assert config.distributed.coordinator_address == f"gpu-a07:{port}"
         assert config.distributed.local_device_ids == local_ids
+        # ... and what jaxllm's initialize_runtime hands to jax.distributed.initialize.
+        assert sharding.distributed_init_kwargs(config.distributed) == {
+            "initialization_timeout": 300, "coordinator_address": f"gpu-a07:{port}", "num_processes": 4,
+            "process_id": rank, "local_device_ids": [int(i) for i in local_ids.split(",")]}
         assert config.sample.prompts == ("a b", "c") and config.train.steps == 7
 
 
