@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # master weights
     c.scan_layers = False  # lax.scan over layers: faster compiles at depth, slower at tiny sizes on CPU
     c.remat_policy = "none"  # one of REMAT_POLICIES
-    c.attention_impl = ""  # "" lets JAX choose; "xla" or "cudnn" (jax.nn.dot_product_attention)
+    c.attention_impl = ""  # "": einsums on CPU, else jax.nn's choice; "xla" | "cudnn" (layers.dot_product_attention)
     return c
 
 

@@ -10,6 +10,7 @@ checkpoints, preemption) -> export of the final params.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -162,13 +163,23 @@ def _default_summary(sums: dict[str, float]) -> dict[str, float]:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (save, then exit cleanly)."""
+    """Turns SIGTERM into a flag checked between steps (save, then exit cleanly).
+
+    With several processes JAX's preemption service catches SIGTERM instead (installed by
+    `jax.distributed.initialize`) and `CheckpointManager.reached_preemption` turns true on every
+    process at the same step: hosts signalled a step apart would otherwise enter the checkpoint's
+    collectives at different steps and hang.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        from jax._src import distributed
+
+        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -348,9 +359,19 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
             return out
 
         def run_samples(state, step):
-            if stage.sample_fn is None or jax.process_index() != 0:
+            if stage.sample_fn is None:
                 return
-            for text in stage.sample_fn(state.params):
+            params, context = state.params, contextlib.nullcontext()
+            if jax.process_count() > 1:  # the sampler is a one-host program: gather, sample on process 0
+                from jax.experimental import multihost_utils
+
+                params = multihost_utils.process_allgather(params, tiled=True)
+                context = sharding.activate(sharding.local_mesh(), rules)
+            if jax.process_index() != 0:
+                return
+            with context:
+                texts = stage.sample_fn(params)
+            for text in texts:
                 tqdm.tqdm.write(f"[sample @ {step}] {text!r}")
                 with open(stage_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, "text": text}) + "\n")
@@ -362,6 +383,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         # ---- Loop -----------------------------------------------------------------------------
         bar = tqdm.tqdm(total=tc.steps, initial=start, desc=stage.name, dynamic_ncols=True,
                         disable=not tc.progress_bar or jax.process_index() != 0)
+        write = bar.write if jax.process_index() == 0 else (lambda text: None)  # progress: process 0 only
         pending: list[dict] = []
         eval_metrics: dict[str, float] = {}
         preempted = False
@@ -393,7 +415,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                     pending = []
                 if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                     eval_metrics = run_eval(state, step)
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                    write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
                     timer_start, timer_steps = time.perf_counter(), 0  # do not count eval as training
                 if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                     run_samples(state, step)
@@ -404,7 +426,9 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                     ckpt_lib.save(mngr, step, state, train_iter, config, force=True)
                     preempted = True
                     break
-                ckpt_lib.save(mngr, step, state, train_iter, config, force=step == tc.steps)
+                # Building the save arguments costs ~0.6 ms of Python per step; ask the policy first.
+                if step == tc.steps or mngr.should_save(step):
+                    ckpt_lib.save(mngr, step, state, train_iter, config, force=step == tc.steps)
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
@@ -416,7 +440,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         if start < tc.steps or not (stage_dir / "params").exists():
             eval_metrics = run_eval(state, step)
             if eval_metrics:
-                bar.write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             run_samples(state, step)
             exported = stage.export(state.params) if stage.export else state.params
             ckpt_lib.export_params(stage_dir / "params", exported)
