@@ -6,6 +6,11 @@ Cloud TPU slice described by `libtpu` (`pip install 'jaxllm[tpu]'`; run with `JA
 so no TPU backend is started), and prints per-chip memory (parameters, optimizer state, batch,
 XLA temporaries) against the chip's HBM, the step's FLOPs, and whether it fits. `--suggest` tries
 growing slices of the same generation and reports the smallest that fits.
+
+The step is the one the config's pretraining stage trains: causal-LM pretraining
+(`jaxllm.train.pretrain`), or span corruption (`jaxllm.train.pretrain_t5`: a T5 encoder-decoder,
+or a decoder-only prefix LM) for `configs/pretrain_t5.py` configs, with batches of the shapes and
+dtypes the stage's data layer packs.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm import sharding
+from jaxllm.data import span_corruption
 from jaxllm.models import llama
-from jaxllm.train import loop, pretrain
+from jaxllm.models import t5
+from jaxllm.train import loop, pretrain, pretrain_t5
 
 GiB = 1024**3
 # HBM per chip (Google Cloud TPU documentation, "TPU versions").
@@ -131,11 +138,61 @@ def _bytes_per_device(tree) -> int:
     return total
 
 
-def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str = "cpu") -> Fit:
-    """Compiles the pretraining train step of `config` for `devices`; returns its memory and FLOPs.
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What `compile_step` compiles: the stage (model, loss; no data), one row of its batch
+    (`{key: array [...]}` of the data layer's per-row shapes and dtypes) and the model FLOPs of a
+    whole step."""
+
+    stage: loop.Stage
+    row: dict[str, np.ndarray]
+    flops_per_step: float
+
+
+def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
+    """The pretraining step of `config`, built as the stage that trains it builds it.
+
+    Span-corruption configs (`pretrain_t5.handles`) take their model and loss from
+    `jaxllm.train.pretrain_t5` (T5 with `t5_loss_fn`, or a prefix LM with `prefix_lm_loss_fn`), row
+    lengths from `span_corruption.make_layout` and one row from the packer itself
+    (`pack_t5` / `pack_prefix_lm` of no examples); others are causal-LM pretraining
+    (`pretrain.lm_loss_fn`, `data.seq_len` tokens per row).
 
     Raises:
-      config.ConfigError: `model.vocab_size` unset (it normally comes from the tokenizer).
+      config.ConfigError: bad `model.*` or `data.*` values (see `pretrain_t5.build_model`,
+        `span_corruption.make_layout`, `llama.LlamaConfig.from_config`).
+    """
+    rows = config.train.batch_size
+    if not pretrain_t5.handles(config):
+        mc = llama.LlamaConfig.from_config(config.model)
+        length = config.data.seq_len
+        stage = loop.Stage(name="pretrain", init_params=lambda rng: llama.init(mc, rng),
+                           loss_fn=pretrain.lm_loss_fn(mc), train_data=None)
+        row = {k: np.zeros(length, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+        row["loss_mask"] = np.zeros(length, np.float32)
+        return StepSpec(stage, row, llama.flops_per_token(mc, length) * rows * length)
+    model = pretrain_t5.build_model(config)
+    dc = config.data
+    layout = span_corruption.make_layout(span_corruption.denoisers_from_config(dc), format=dc.get("format", "t5"),
+                                         inputs_length=dc.inputs_length, targets_length=dc.targets_length)
+    if layout.format == "t5":
+        loss_fn = pretrain_t5.t5_loss_fn(model.config)
+        row = span_corruption.pack_t5([], layout.inputs_length, layout.targets_length)
+        flops = t5.flops_per_example(model.config, layout.inputs_length, layout.targets_length) * rows
+    else:
+        loss_fn = pretrain_t5.prefix_lm_loss_fn(model.config)
+        row = span_corruption.pack_prefix_lm([], layout.inputs_length)
+        flops = llama.flops_per_token(model.config, layout.inputs_length) * rows * layout.inputs_length
+    return StepSpec(loop.Stage(name="pretrain", init_params=model.init, loss_fn=loss_fn, train_data=None), row, flops)
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str = "cpu") -> Fit:
+    """Compiles the pretraining train step of `config` (see `step_spec`) for `devices`; returns its
+    per-device memory and FLOPs.
+
+    Raises:
+      config.ConfigError: `model.vocab_size` unset (it normally comes from the tokenizer), or bad
+        `model.*` / `data.*` values.
       sharding.MeshError: the mesh does not fit the devices or the model.
     """
     from jaxllm.config import ConfigError
@@ -144,21 +201,18 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any], topo
         raise ConfigError("set --config.model.vocab_size (ahead-of-time compilation has no tokenizer)")
     mesh = Mesh(np.asarray(devices).reshape(sharding.resolve_mesh_shape(config.mesh.shape, len(devices))),
                 sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    model_config = llama.LlamaConfig.from_config(config.model)
-    stage = loop.Stage(name="pretrain", init_params=lambda rng: llama.init(model_config, rng),
-                       loss_fn=pretrain.lm_loss_fn(model_config), train_data=None)
-    compiled = loop.compile_stage(config, stage, mesh)
-    rows, length = config.train.batch_size, config.data.seq_len
-    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
-    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
-             for k in ("inputs", "targets", "positions", "segment_ids")}
-    batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch_sharding)
+    spec = step_spec(config)
+    compiled = loop.compile_stage(config, spec.stage, mesh)
+    rows = config.train.batch_size
+    batch = {k: jax.ShapeDtypeStruct((rows, *v.shape), v.dtype,
+                                     sharding=sharding.batch_sharding(mesh, config.mesh.rules, 1 + v.ndim))
+             for k, v in spec.row.items()}
     common = dict(
         topology=topology, num_devices=len(devices), mesh_shape=dict(mesh.shape),
         param_bytes=_bytes_per_device(compiled.abstract_state.params),
         opt_state_bytes=_bytes_per_device(compiled.abstract_state.opt_state),
         batch_bytes=_bytes_per_device(batch), hbm_bytes=HBM_BYTES.get(topology.partition(":")[0], 0),
-        flops=llama.flops_per_token(model_config, length) * rows * length / len(devices))
+        flops=spec.flops_per_step / len(devices))
     try:
         with sharding.activate(mesh, config.mesh.rules):
             executable = compiled.train_step.lower(compiled.abstract_state, batch).compile()

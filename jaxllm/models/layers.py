@@ -17,6 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm import sharding
+from jaxllm.config import ConfigError
+
 Dtype = Any
 Initializer = Any
 
@@ -193,3 +196,113 @@ def _einsum_attention(query, key, value, mask):
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
     return jnp.einsum("bhlm,bmhd->blhd", probs, value).astype(query.dtype)
+
+
+# Splash attention tiles (query, key) blocks of the attention matrix; key blocks are computed in
+# chunks that must be a multiple of the TPU's 128 lanes (`splash_attention_kernel.NUM_LANES`), and
+# every block must divide the sequence. 512 is MaxText's default block; smaller ones serve shorter
+# or less divisible lengths.
+SPLASH_BLOCK_SIZES = (512, 256, 128)
+# The logical axes (see jaxllm.sharding) that shard `[batch, length, heads, head_dim]` inside the
+# kernel's shard_map; the sequence stays whole on every device (each query block reads all keys).
+_SPLASH_Q_AXES = ("batch", None, "act_heads", None)
+_SPLASH_KV_AXES = ("batch", None, "act_kv_heads", None)
+
+
+def splash_block_size(length: int) -> int:
+    """The largest of `SPLASH_BLOCK_SIZES` that divides `length`.
+
+    Raises:
+      ConfigError: naming `model.attention_impl` when none divides `length`.
+    """
+    for block in SPLASH_BLOCK_SIZES:
+        if length % block == 0:
+            return block
+    raise ConfigError(
+        f"model.attention_impl='splash' tiles the sequence in blocks of {SPLASH_BLOCK_SIZES[-1]} tokens, but "
+        f"the attention runs over {length} tokens; make the sequence length (data.seq_len) "
+        f"a multiple of {SPLASH_BLOCK_SIZES[-1]}, or use model.attention_impl='' or 'xla'")
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, *,
+                     interpret: bool | None = None) -> jax.Array:
+    """Causal, segment-aware attention with TPU splash attention (Pallas; `jax.experimental.pallas.
+    ops.tpu.splash_attention`), the same function as `dot_product_attention` under
+    `attention_mask(segment_ids, causal=True)`.
+
+    Query `i` attends to keys `j <= i` of its own segment (the kernel's `CausalMask` and-ed with
+    `SegmentIds`); padding (segment 0) attends to earlier padding, as in `attention_mask`, so no
+    row is empty. Scores are `q k^T / sqrt(head_dim)` (the kernel does not scale, so `q` is scaled
+    here in its dtype, as in `dot_product_attention`); softmax and accumulation are float32 in the
+    kernel. The kernel works per example on `[heads, length, head_dim]`, so it is vmapped over the
+    batch; grouped-query heads map query head `i` to kv head `i // (heads // kv_heads)`, as
+    `jax.nn.dot_product_attention` groups them.
+
+    Under a mesh (`jax.sharding.get_abstract_mesh()`, set by `jaxllm.sharding.activate`) the kernel
+    runs per shard in `jax.shard_map`: batch and heads split as the logical-axis rules in effect
+    say for `batch`, `act_heads`, `act_kv_heads` (default: batch over ('data', 'fsdp'), heads over
+    'tensor'), the sequence whole on every device.
+
+    Args:
+      query: `[batch, length, heads, head_dim]`.
+      key, value: `[batch, length, kv_heads, head_dim]`, `heads % kv_heads == 0`.
+      segment_ids: `[batch, length]` int; 0 marks padding.
+      interpret: run the kernel in Pallas interpret mode (plain XLA ops; slow, for checking it on
+        CPU). None: interpret unless the computation targets TPU (the mesh's devices, else
+        `jax.default_backend()`), so TPU runs and TPU ahead-of-time compiles use the Mosaic kernel.
+
+    Returns:
+      `[batch, length, heads, head_dim]` in `query.dtype`.
+
+    Raises:
+      ConfigError: naming `model.attention_impl` when the length is not a multiple of 128 (see
+        `splash_block_size`), the computation targets a GPU (the kernel is Mosaic TPU code), or
+        the batch or (kv) heads do not divide over the mesh axes that shard them.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # imports Pallas/Mosaic: only when used
+
+    batch, length, heads, head_dim = query.shape
+    if key.shape[1] != length:
+        raise ValueError(f"splash_attention is self-attention: {length} queries but {key.shape[1]} keys")
+    block = splash_block_size(length)
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform not in ("tpu", "cpu"):
+        raise ConfigError(f"model.attention_impl='splash' is a TPU kernel; on {platform} use "
+                          f"model.attention_impl='' (or 'cudnn' on GPU)")
+    if interpret is None:
+        interpret = platform != "tpu"
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def attend(q, k, v, seg):
+        # Built inside the shard_map body: its mask covers this shard's heads only. The mask is
+        # static (causal), so the kernel's block-sparsity tables are compile-time constants.
+        mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(q.shape[2])])
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # the kernel's [heads, length, head_dim]
+        out = jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+        return out.transpose(0, 2, 1, 3)
+
+    if mesh.empty:
+        return attend(query, key, value, segment_ids)
+    rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES  # the project's defaults if none are set
+    q_spec = nn.logical_to_mesh_axes(_SPLASH_Q_AXES, rules)
+    kv_spec = nn.logical_to_mesh_axes(_SPLASH_KV_AXES, rules)
+    for what, size, axes in (("batch", batch, q_spec[0]), ("heads", heads, q_spec[2]),
+                             ("kv_heads", key.shape[2], kv_spec[2])):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        shards = 1
+        for a in axes:
+            shards *= mesh.shape[a]
+        if size % shards:
+            raise ConfigError(f"model.attention_impl='splash' runs per shard, but {what}={size} does not divide "
+                              f"over mesh axes {axes} of size {shards} (mesh {dict(mesh.shape)})")
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    # check_vma=False: the kernel's pallas_call declares no varying-manual-axes types for its outputs
+    # (jax 0.10.2 refuses it under check_vma=True).
+    return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(query, key, value, segment_ids)

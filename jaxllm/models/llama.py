@@ -35,6 +35,7 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("", "xla", "cudnn", "splash")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # master weights
     c.scan_layers = False  # lax.scan over layers: faster compiles at depth, slower at tiny sizes on CPU
     c.remat_policy = "none"  # one of REMAT_POLICIES
-    c.attention_impl = ""  # "": einsums on CPU, else jax.nn's choice; "xla" | "cudnn" (layers.dot_product_attention)
+    c.attention_impl = ""  # one of ATTENTION_IMPLS: "" einsums on CPU, else jax.nn's choice; "xla" | "cudnn"
+    # (layers.dot_product_attention); "splash": TPU splash attention kernel (layers.splash_attention)
     return c
 
 
@@ -125,7 +127,8 @@ class LlamaConfig:
 
         Raises:
           ConfigError: naming the `model.*` key that is inconsistent (vocab unset, heads not dividing
-            the width, kv heads not dividing heads, odd head_dim, unknown dtype or remat policy).
+            the width, kv heads not dividing heads, odd head_dim, unknown dtype, remat policy or
+            attention implementation).
         """
         if c.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be set (> 0) before building the model")
@@ -141,6 +144,8 @@ class LlamaConfig:
                 raise ConfigError(f"model.{key}={c[key]!r}; expected one of {sorted(DTYPES)}")
         if c.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={c.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if c.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention_impl={c.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         return cls(
             vocab_size=c.vocab_size, embed_dim=c.embed_dim, num_layers=c.num_layers,
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=head_dim,
@@ -171,7 +176,9 @@ class Attention(nn.Module):
         `cos, sin` `[batch, length, head_dim // 2]`. With a `cache` (`{"k", "v"}`, each `[batch, max_len,
         kv_heads, head_dim]`), the rotated keys and values of the new tokens are written at slot
         `cache_index` and the queries attend over all cache slots under `mask` `[batch, 1, length,
-        max_len]`; without one, over the `length` new tokens (the training path).
+        max_len]`; without one, over the `length` new tokens (the training path), where with
+        `attention_impl="splash"` `mask` is the `[batch, length]` int `segment_ids` (the kernel builds
+        the causal, segment-aware mask itself; `layers.splash_attention`).
         """
         cfg = self.config
         batch, length = cos.shape[:2]
@@ -214,8 +221,12 @@ class Attention(nn.Module):
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
             # XLA's attention for cached decoding: the fused cuDNN kernel targets training shapes, and a
             # one-token query over a long, mostly masked cache is untested with it here (no GPU in CI).
-            impl = "xla" if impl == "cudnn" else impl
-        out = layers.dot_product_attention(q, k, v, mask, impl)
+            # Splash tiles whole 128-token blocks of self-attention; decoding takes the backend's default.
+            impl = {"cudnn": "xla", "splash": None}.get(impl, impl)
+        if impl == "splash":
+            out = layers.splash_attention(q, k, v, mask)
+        else:
+            out = layers.dot_product_attention(q, k, v, mask, impl)
         out = out.reshape(batch * length, cfg.num_heads * cfg.head_dim)
         o_kernel = layers.param_with_axes(
             self, "o_proj", _normal(std / (2 * cfg.num_layers) ** 0.5),
@@ -306,7 +317,13 @@ class Decoder(nn.Module):
             if last_logits_only:
                 x, length = x.reshape(batch, length, cfg.embed_dim)[:, -1], 1
             return self._head(x, embedding, batch, length), cache
-        mask = layers.attention_mask(segment_ids, causal=True)
+        if cfg.attention_impl == "splash":
+            if prefix_mask is not None:
+                raise ConfigError("model.attention_impl='splash' has the causal mask only; a prefix LM "
+                                  "(prefix_mask) needs model.attention_impl='' or 'xla'")
+            mask = segment_ids  # the kernel masks from segment ids (see Attention)
+        else:
+            mask = layers.attention_mask(segment_ids, causal=True)
         if prefix_mask is not None:
             prefix = prefix_mask.astype(jnp.bool_)
             both_prefix = (prefix[:, :, None] & prefix[:, None, :])[:, None]
@@ -381,6 +398,8 @@ def init(config: LlamaConfig, rng: jax.Array, batch_size: int = 1, length: int =
     `head="scalar"` gives the reward/value model (`score_head` instead of `lm_head`).
     """
     ids = jnp.zeros((batch_size, length), jnp.int32)
+    # Parameters do not depend on the attention kernel, and splash cannot tile the short init rows.
+    config = dataclasses.replace(config, attention_impl=None) if config.attention_impl == "splash" else config
     return Decoder(config, head=head).init(rng, ids, ids, ids + 1)["params"]
 
 
