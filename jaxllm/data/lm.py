@@ -429,6 +429,28 @@ def to_model_inputs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_batch_layout(what: str, split: str, global_batch_size: int, process_index: int,
+                       process_count: int) -> None:
+    """Checks the split and that process p of P reads a `global_batch_size / P` slice.
+
+    Raises:
+      DataError: naming `what` (the dataset function), for a split other than train/eval,
+        B < 1, p outside [0, P), or B not divisible by P.
+    """
+    if split not in SPLITS:
+        raise DataError(f"{what} split={split!r}; expected one of {SPLITS}")
+    if global_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(
+            f"{what}: bad batch layout: global_batch_size={global_batch_size}, "
+            f"process_index={process_index}, process_count={process_count}"
+        )
+    if global_batch_size % process_count:
+        raise DataError(
+            f"{what}: global batch size {global_batch_size} is not divisible by the process count "
+            f"{process_count}"
+        )
+
+
 def lm_dataset(
     data_config: ml_collections.ConfigDict,
     tokenizer,
@@ -466,18 +488,7 @@ def lm_dataset(
       DataError: bad sources, a split other than train/eval, B not divisible by P, bad
         process index, seq_len < 1, or a corpus shorter than one row.
     """
-    if split not in SPLITS:
-        raise DataError(f"lm_dataset split={split!r}; expected one of {SPLITS}")
-    if global_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
-        raise DataError(
-            f"bad batch layout: global_batch_size={global_batch_size}, "
-            f"process_index={process_index}, process_count={process_count}"
-        )
-    if global_batch_size % process_count:
-        raise DataError(
-            f"global batch size {global_batch_size} is not divisible by the process count "
-            f"{process_count}"
-        )
+    check_batch_layout("lm_dataset", split, global_batch_size, process_index, process_count)
     if data_config.seq_len < 1:
         raise DataError(f"data.seq_len={data_config.seq_len} must be >= 1")
     spec = data_config.sources if split == "train" else data_config.eval_sources

@@ -72,7 +72,6 @@ from jaxllm.data.sources import DataError, SourceSpec
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")
 TRUNCATIONS = ("drop", "keep_end")
 RANKINGS_FIELD = "rankings"  # `jsonl:GLOB#rankings`
 _CACHE_FORMAT = 1  # bump when the cache layout changes
@@ -622,17 +621,13 @@ def preference_dataset(
       DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
         batch layout, seq_len < 1, or no groups left (or a weighted source left empty).
     """
+    lm.check_batch_layout("preference_dataset", split, global_batch_size, process_index, process_count)
     seq_len, truncation = int(data_config.seq_len), str(data_config.truncation)
     max_responses = int(data_config.max_responses)
     problems = [
-        split not in SPLITS and f"split={split!r} (expected one of {SPLITS})",
         truncation not in TRUNCATIONS and f"data.truncation={truncation!r} ({TRUNCATIONS})",
         seq_len < 1 and f"data.seq_len={seq_len} < 1",
         max_responses < 2 and f"data.max_responses={max_responses} < 2",
-        not (global_batch_size >= 1 and 0 <= process_index < process_count
-             and global_batch_size % process_count == 0)
-        and f"batch layout B={global_batch_size}, p={process_index}, P={process_count} (B % P "
-        "must be 0)",
     ]  # fmt: skip
     if any(problems):
         raise DataError("preference_dataset: bad " + "; ".join(p for p in problems if p))

@@ -110,10 +110,7 @@ def prompt_dataset(c: ml_collections.ConfigDict, template: chat.ChatTemplate, *,
     Raises:
       DataError: bad sources, split or batch layout.
     """
-    if split not in ("train", "eval"):
-        raise DataError(f"prompt_dataset split={split!r}; expected train or eval")
-    if global_batch_size % process_count:
-        raise DataError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    lm.check_batch_layout("prompt_dataset", split, global_batch_size, process_index, process_count)
     prompts = load_prompt_tokens(c.sources if split == "train" else c.eval_sources, template, c.max_prompt_len,
                                  data_root, run_dir)
     if split == "train":

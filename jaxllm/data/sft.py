@@ -60,7 +60,6 @@ from jaxllm.data.sources import DataError, SourceSpec
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")
 TRUNCATIONS = ("drop", "keep_start")
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 _PASS_STREAM, _EPOCH_STREAM = 0, 1  # derive_seed streams: per-source passes, epoch shuffles
@@ -577,18 +576,7 @@ def sft_dataset(
       DataError: bad sources or records (file:line), a bad split, truncation or batch layout,
         seq_len < 1, or no examples left after truncation (or a weighted source left empty).
     """
-    if split not in SPLITS:
-        raise DataError(f"sft_dataset split={split!r}; expected one of {SPLITS}")
-    if global_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
-        raise DataError(
-            f"bad batch layout: global_batch_size={global_batch_size}, "
-            f"process_index={process_index}, process_count={process_count}"
-        )
-    if global_batch_size % process_count:
-        raise DataError(
-            f"global batch size {global_batch_size} is not divisible by the process count "
-            f"{process_count}"
-        )
+    lm.check_batch_layout("sft_dataset", split, global_batch_size, process_index, process_count)
     seq_len, truncation = int(data_config.seq_len), str(data_config.truncation)
     if seq_len < 1:
         raise DataError(f"data.seq_len={seq_len} must be >= 1")

@@ -63,7 +63,6 @@ import numpy as np
 from jaxllm.config import ConfigError
 from jaxllm.data import lm
 from jaxllm.data import sources
-from jaxllm.data.sources import DataError
 
 T5_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions", "decoder_input_tokens",
            "decoder_target_tokens", "decoder_segment_ids", "decoder_positions", "decoder_loss_mask")
@@ -586,12 +585,7 @@ def t5_dataset(data_config: ml_collections.ConfigDict, tokenizer, *, split: str,
       DataError: bad sources, split or batch layout, or a corpus shorter than one window.
       ConfigError: bad `data.*` values or too few sentinels (naming the key).
     """
-    if split not in lm.SPLITS:
-        raise DataError(f"t5_dataset split={split!r}; expected one of {lm.SPLITS}")
-    if global_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count \
-            or global_batch_size % process_count:
-        raise DataError(f"bad batch layout: global_batch_size={global_batch_size}, process_index={process_index}, "
-                        f"process_count={process_count}")
+    lm.check_batch_layout("t5_dataset", split, global_batch_size, process_index, process_count)
     if tokenizer.eos_id < 0:
         raise ValueError(f"tokenizer {tokenizer.path} has no eos piece, which span corruption appends")
     denoisers = denoisers_from_config(data_config)

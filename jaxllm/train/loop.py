@@ -317,7 +317,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
     summarize = stage.summarize or _default_summary
 
     compiled = compile_stage(config, stage, mesh)
-    state_shardings, abstract_state = compiled.state_shardings, compiled.abstract_state
+    abstract_state = compiled.abstract_state
     train_step, eval_step = compiled.train_step, compiled.eval_step
     with sharding.activate(mesh, rules):
         # ---- Data, checkpoints, restore ---------------------------------------------------------
