@@ -32,8 +32,8 @@ def get_config(arg: str = "tiny"):
         c.tokenizer.input_sentence_size = 200_000
         c.model.update(llama.PRESETS["tiny"])
         c.data.seq_len = 256
-        c.train.update(steps=300, batch_size=16, eval_every=100, eval_batches=20, log_every=10)
-        c.optimizer.update(lr=2e-3, min_lr=2e-4, warmup_steps=30)
+        c.train.update(steps=200, batch_size=8, eval_every=100, eval_batches=8, log_every=10)
+        c.optimizer.update(lr=2e-3, min_lr=2e-4, warmup_steps=20)
         c.checkpoint.every_steps = 100
         c.sample.prompts = ("def ", "import ")
 

@@ -33,7 +33,7 @@ def get_config(arg: str = "tiny"):
         c.data.sources = ";".join(f"jsonl:{{data_root}}/sft/{name}/train.jsonl" for name in SFT_SETS)
         c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/sft/{name}/test.jsonl" for name in SFT_SETS)
         c.data.seq_len = 512
-        c.train.update(steps=300, batch_size=16, eval_every=100, log_every=20)
+        c.train.update(steps=300, batch_size=16, eval_every=100, log_every=20, eval_at_start=True)
         c.optimizer.update(lr=3e-4, min_lr=3e-5, warmup_steps=30)
         c.sample.prompts = ("What is the capital of France?", "Give me three tips for staying healthy.")
     else:

@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def stage_summary(stage_dir: pathlib.Path) -> dict[str, Any]:
-    """Final train row (without timings) and final eval metrics of a finished stage."""
+    """Final train row (without timings), final eval metrics and, with `train.eval_at_start`, the step-0 eval."""
     rows = metrics_lib.read_metrics(stage_dir)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -64,6 +64,8 @@ def stage_summary(stage_dir: pathlib.Path) -> dict[str, Any]:
         out["train"] = {k: v for k, v in train[-1].items() if k not in drop}
     if evals:
         out["eval"] = {k: v for k, v in evals[-1].items() if k != "step"}
+    if len(evals) > 1 and evals[0]["step"] == 0:  # `train.eval_at_start`: the stage's baseline
+        out["eval_at_start"] = {k: v for k, v in evals[0].items() if k != "step"}
     return out
 
 
@@ -195,6 +197,8 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
         metrics = {**s.get("train", {}), **s.get("eval", {})}
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
         lines.append(f"- **{stage}** (step {s['step']}): {shown}")
+        if "eval_at_start" in s:
+            lines.append("  - at step 0: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(s["eval_at_start"].items())))
     if report.get("samples"):
         lines += ["", "## Samples", ""]
         for i, sample in enumerate(report["samples"]):

@@ -186,3 +186,23 @@ def test_unknown_stage_is_one_clear_error(env, tmp_path):
     assert proc.returncode == 2, describe(proc)
     assert "rlhf" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "pretrain")
+
+
+def test_stage_summary_keeps_the_step0_baseline(tmp_path):
+    """`train.eval_at_start` rows (step 0) become the stage's `eval_at_start` and a report line."""
+    from jaxllm import evaluation
+
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    rows = [{"step": 0, "eval/loss": 5.0}, {"step": 1, "loss": 4.5, "tokens_per_second": 9.0},
+            {"step": 2, "loss": 4.0}, {"step": 2, "eval/loss": 4.25}]
+    (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = evaluation.stage_summary(stage_dir)
+    assert summary == {"step": 2, "train": {"loss": 4.0}, "eval": {"eval/loss": 4.25},
+                       "eval_at_start": {"eval/loss": 5.0}}
+    evaluation.write_report({"stages": {"sft": summary}}, tmp_path / "run")
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "- **sft** (step 2): eval/loss=4.2500, loss=4.0000\n  - at step 0: eval/loss=5.0000" in text
+    # Without a step-0 row there is no baseline line.
+    (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    assert "eval_at_start" not in evaluation.stage_summary(stage_dir)

@@ -305,12 +305,15 @@ def test_kill9_between_checkpoints_then_resume(env, corpus, small_config, refere
 
 
 def test_kill9_before_first_checkpoint_then_restart(env, corpus, small_config, reference, tmp_path):
-    """No checkpoint yet: the restart begins at step 0 and the killed run's rows are dropped."""
+    """No checkpoint yet: the restart begins at step 0 and the killed run's rows are dropped.
+
+    With `train.eval_at_start` both runs evaluate the initial params; the file keeps one step-0 row.
+    """
     _, ref_rows = reference
     total = small_config.train.steps
     run_dir = tmp_path / "run"
     # Step-based saves off: the only checkpoint is the final one, so any kill lands before it.
-    overrides = ("--config.checkpoint.every_steps=0",)
+    overrides = ("--config.checkpoint.every_steps=0", "--config.train.eval_at_start=True")
     proc = start(env, corpus, run_dir, *overrides)
     try:
         freeze_when(proc, run_dir, lambda s: 2 <= s < total)
@@ -323,6 +326,11 @@ def test_kill9_before_first_checkpoint_then_restart(env, corpus, small_config, r
 
     run_to_completion(env, corpus, run_dir, *overrides)
     resumed = read_rows(run_dir)
+    start_rows = [r for r in resumed if r["step"] == 0]
+    assert len(start_rows) == 1 and set(start_rows[0]) >= {"eval/loss", "eval/perplexity"}, start_rows
+    # Random init: the initial held-out loss is above the trained model's.
+    assert start_rows[0]["eval/loss"] > [r for r in resumed if "eval/loss" in r][-1]["eval/loss"]
+    resumed = [r for r in resumed if r["step"] > 0]
     assert_one_row_per_step(resumed, small_config)
     assert trajectory(resumed) == trajectory(ref_rows)
     assert committed_checkpoints(run_dir) == [total]

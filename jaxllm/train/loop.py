@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 32  # global batch in rows (sequences) per optimizer step
     c.grad_accum_steps = 1  # microbatches per step; batch_size must be divisible by it
     c.eval_every = 200  # evaluate every N steps and at the end (0: only at the end)
+    c.eval_at_start = False  # also evaluate the initial params (step 0): the baseline of a fine-tuning stage
     c.eval_batches = 0  # 0: the whole eval split
     c.eval_batch_size = 0  # 0: train.batch_size
     c.log_every = 10
@@ -335,7 +336,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 state = compiled.init_state()
         # Rows past the restored step (all rows when a crash came before the first checkpoint)
         # are trained again: drop them so the file keeps one row per step.
-        metrics_lib.truncate_metrics(stage_dir, start)
+        metrics_lib.truncate_metrics(stage_dir, start if start else -1)
         config_lib.save_json(config, stage_dir / "config.json")
 
         writer = metrics_lib.MetricWriter(stage_dir)
@@ -389,6 +390,9 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         preempted = False
         timer_start, timer_steps = None, 0
         step = start
+        if tc.eval_at_start and start == 0:
+            eval_metrics = run_eval(state, 0)
+            write("step 0: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         with _Preemption() as preemption:
             while step < tc.steps:
                 batch = sharding.global_batch(next(train_iter), mesh, rules)
