@@ -31,8 +31,8 @@ def get_config(arg: str = "tiny"):
         c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl" for name in REAL_SETS)
         c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
         c.data.seq_len = 512
-        c.train.update(steps=200, batch_size=16, eval_every=100, log_every=20, eval_at_start=True)
-        c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=20)
+        c.train.update(steps=150, batch_size=16, eval_every=0, log_every=10)
+        c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=15)
         c.sample.prompts = ("What is the capital of France?",)
     else:
         raise KeyError(f"unknown dpo config {arg!r}; expected tiny or real")

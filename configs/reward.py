@@ -32,7 +32,7 @@ def get_config(arg: str = "tiny"):
         c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl" for name in REAL_SETS)
         c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
         c.data.seq_len = 512
-        c.train.update(steps=300, batch_size=16, eval_every=100, log_every=20, eval_at_start=True)
+        c.train.update(steps=200, batch_size=16, eval_every=100, log_every=20, eval_at_start=True)
         c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=30)
         if arg == "real_rankings":
             c.data.max_responses = 9

@@ -442,7 +442,8 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
             writer.close()
             return Result(step, state, True, eval_metrics)
         if start < tc.steps or not (stage_dir / "params").exists():
-            eval_metrics = run_eval(state, step)
+            if not (step == 0 and tc.eval_at_start):  # `train.steps=0`: evaluated once, at the start
+                eval_metrics = run_eval(state, step)
             if eval_metrics:
                 write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             run_samples(state, step)
