@@ -23,7 +23,7 @@ def get_config(arg: str = "tiny"):
         c.data.sources = "jsonl:{run_dir}/data/stdlib/preference/train.jsonl"
         c.data.eval_sources = "jsonl:{run_dir}/data/stdlib/preference/test.jsonl"
         c.data.seq_len = 256
-        c.train.update(steps=100, batch_size=16, eval_every=50)
+        c.train.update(steps=60, batch_size=8, eval_every=0, eval_batches=16, log_every=10)
         c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=10)
         c.sample.prompts = ()
     elif arg == "real":

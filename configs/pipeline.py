@@ -41,6 +41,7 @@ def get_config(arg: str = "tiny"):
         c.eval.prompts.eval_sources = "jsonl:{run_dir}/data/stdlib/prompts/test.jsonl"
         c.eval.prompts.max_prompt_len = c.ppo.prompts.max_prompt_len
         c.eval.max_new_tokens = c.ppo.ppo.max_new_tokens
+        c.eval.num_prompts = 32
     else:
         c.eval.prompts.eval_sources = c.ppo.prompts.eval_sources
         c.eval.prompts.max_prompt_len = c.ppo.prompts.max_prompt_len

@@ -25,7 +25,8 @@ def get_config(arg: str = "tiny"):
         c.prompts.eval_sources = "jsonl:{run_dir}/data/stdlib/prompts/test.jsonl"
         c.prompts.max_prompt_len = 96
         c.ppo.max_new_tokens = 48
-        c.train.update(steps=30, batch_size=16)
+        c.train.update(steps=12, batch_size=16)
+        c.ppo.update(epochs=2, minibatches=2)
         c.optimizer.update(lr=2e-5, min_lr=2e-6, warmup_steps=8)
     elif arg == "real":
         c.run_dir = "runs/shared"

@@ -25,7 +25,7 @@ def get_config(arg: str = "tiny"):
         c.data.sources = "jsonl:{run_dir}/data/stdlib/sft/train.jsonl"
         c.data.eval_sources = "jsonl:{run_dir}/data/stdlib/sft/test.jsonl"
         c.data.seq_len = 256
-        c.train.update(steps=150, batch_size=16, eval_every=50, log_every=10)
+        c.train.update(steps=80, batch_size=8, eval_every=0, eval_batches=16, log_every=10)
         c.optimizer.update(lr=5e-4, min_lr=5e-5, warmup_steps=15)
         c.sample.prompts = ("Complete the body of this Python function.\n\ndef add(a, b):\n    \"\"\"Return a + b.\"\"\"",)
     elif arg == "real":

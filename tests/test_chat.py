@@ -248,8 +248,10 @@ def test_load_prompts_every_format(tmp_path):
         ('{"turns": []}', ":3: field 'turns' must be a non-empty list"),
         ('{"messages": []}', ":3: empty messages"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}', ":3: empty messages"),
-        ('{"prompt": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}',
+        ('{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}',
          ":3: message 1: .*'assistant' was expected"),  # fmt: skip
+        ('{"prompt": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+         ":3: message 0: .*'user' was expected"),  # fmt: skip
         ('{"question": "x"}', ":3: record has none of the fields"),
         ('{"prompt": 5}', ":3: field 'prompt' is int"),
     ],
@@ -274,3 +276,17 @@ def test_read_records_file_errors(tmp_path):
     bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
     with pytest.raises(DataError, match=f"{bad}:2: not valid UTF-8"):
         list(chat.read_records(bad))
+
+
+def test_preference_prompt_with_a_repeated_role_is_joined_as_the_preference_loader_joins_it():
+    """HH's `repeated_role_in_prompt` records: PPO/eval prompts join the two turns with a blank line."""
+    record = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"},
+                         {"role": "assistant", "content": "B"}, {"role": "user", "content": "Why?"}],
+              "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}
+    assert chat.to_prompt(record, "f.jsonl:3") == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A\n\nB"},
+        {"role": "user", "content": "Why?"}]
+    assert chat.join_repeated_roles(record["prompt"])[1] is True
+    assert chat.join_repeated_roles(record["prompt"][:2]) == (record["prompt"][:2], False)
+    with pytest.raises(DataError, match="f.jsonl:3"):  # a bad item still fails validation, with its place
+        chat.to_prompt({"prompt": [{"role": "user", "content": 3}]}, "f.jsonl:3")

@@ -216,6 +216,21 @@ def to_messages(record: Any, where: str) -> tuple[str, list[dict]]:
     return fmt, _checked(messages, where, training=True)
 
 
+def join_repeated_roles(messages: list) -> tuple[list, bool]:
+    """`messages` with consecutive messages of one role joined by a blank line (Anthropic HH's
+    `flags: ["repeated_role_in_prompt"]` records), and whether any were joined. Items that are not
+    `{"role": str, "content": str}` objects are passed through for the caller's validation."""
+    out: list = []
+    for m in messages:
+        ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if ok and out and isinstance(out[-1], dict) and out[-1].get("role") == m["role"] \
+                and isinstance(out[-1].get("content"), str):
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": m["role"], "content": m["content"]} if ok else m)
+    return out, len(out) < len(messages)
+
+
 def to_prompt(record: Any, where: str) -> list[dict]:
     """Converts one record to a generation prompt: messages ending on a user turn.
 
@@ -242,6 +257,8 @@ def to_prompt(record: Any, where: str) -> list[dict]:
         if not isinstance(messages, list):
             text = sources.get_field(record, "prompt", where)
             messages = [{"role": "user", "content": text}]
+        else:  # a preference record's prompt: joined as the preference stages join it
+            messages, _ = join_repeated_roles(messages)
     elif "turns" in record:
         turns = record["turns"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):

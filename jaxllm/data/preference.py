@@ -170,13 +170,7 @@ def _messages(value: Any, where: str, name: str) -> tuple[list[dict], bool]:
         for m in value
     ):
         raise DataError(f"{where}: {name} must be a list of {{'role', 'content'}} string objects")
-    out: list[dict] = []
-    for m in value:
-        if out and out[-1]["role"] == m["role"]:
-            out[-1]["content"] += "\n\n" + m["content"]
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return out, len(out) < len(value)
+    return chat.join_repeated_roles(value)
 
 
 def _is_int(x: Any) -> bool:
