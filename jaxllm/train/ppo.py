@@ -286,7 +286,9 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         import grain  # noqa: PLC0415
 
         # Flat keys (`ptx/inputs`, ...): batches stay one level deep for `sharding.global_batch`.
-        train_data = grain.experimental.ZipMapDataset([train_data, ptx]).map(
+        # Both are endless, but batched `len`s differ (sys.maxsize // batch size): zip equal slices.
+        n = min(len(train_data), len(ptx))
+        train_data = grain.experimental.ZipMapDataset([train_data[:n], ptx[:n]]).map(
             lambda pair: {**pair[0], **{f"{PTX}{k}": v for k, v in pair[1].items()}})
 
     policy_dir = sft.source_stage_dir(config) / "params"

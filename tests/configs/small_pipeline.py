@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
         c[stage].train.update(steps=6, batch_size=4, eval_every=3)
     c.sft.sample.max_new_tokens = 8
     c.ppo.prompts.max_prompt_len = 48
-    c.ppo.ppo.update(max_new_tokens=8, epochs=2, minibatches=2, ptx_coef=0.5, ptx_batch_size=4)
+    c.ppo.ppo.update(max_new_tokens=8, epochs=2, minibatches=2, ptx_coef=0.5, ptx_batch_size=2)
     c.ppo.data.seq_len = 32
     c.ppo.train.update(steps=4, batch_size=4)
     c.eval.update(num_prompts=8, batch_size=4, max_new_tokens=8, samples_in_report=2)
