@@ -285,6 +285,9 @@ def _embed(embedding: jax.Array, tokens: jax.Array, config: T5Config) -> jax.Arr
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm T5 encoder block: bidirectional self-attention (relative-position `bias`, segment
+    `mask`) then the gated-GELU MLP, each residual; `x` `[batch * len, embed]` in and out."""
+
     config: T5Config
 
     @nn.compact
@@ -319,6 +322,9 @@ class Encoder(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm T5 decoder block: causal self-attention (optionally over a KV cache), cross-attention
+    to the encoder output, then the MLP, each residual; `x` `[batch * len, embed]`."""
+
     config: T5Config
 
     def setup(self):
@@ -356,6 +362,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Decoder stack: embedding, causal relative-position bias, the decoder layers (cross-attending
+    to the encoder), final norm and LM head (see `__call__`)."""
+
     config: T5Config
 
     def setup(self):
