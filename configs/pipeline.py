@@ -7,8 +7,8 @@ ARG is one of:
 - `tiny` (default, README's main command): every stage on the embedded default corpus, the
   Python standard library (pretraining on its source files; SFT from function signatures and
   docstrings to their real bodies; preference pairs real body vs another function's body; PPO and
-  evaluation prompts from held-out functions). Measured: 17.5 minutes on 2 CPU cores while
-  another training job shared them (bench/RESULTS.md, "Main job timing").
+  evaluation prompts from held-out functions). Measured: 8.0 minutes on 2 quiet CPU cores from
+  an empty run directory (bench/RESULTS.md, "Main job timing").
     jaxllm pipeline --config configs/pipeline.py:tiny
 - `real`: the shared data bundle: pretraining on `pretrain/*`, SFT on `sft/*`, reward on
   `preference/*`, PPO prompts from the SFT and preference prompts (see README for the runtime).

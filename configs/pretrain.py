@@ -2,8 +2,9 @@
 
 ARG is one of:
 
-- `tiny` (default): BPE 4096 tokenizer and a 3.5M-parameter decoder on the embedded default corpus
-  (the Python standard library's source files). Finishes in under 3 minutes on 2 CPU cores.
+- `tiny` (default): BPE 4096 tokenizer and a 5.2M-parameter decoder on the embedded default corpus
+  (the Python standard library's source files). 2 min 39 s on 2 quiet CPU cores from an empty run
+  directory, tokenizer included (2026-12-02; held-out loss 4.46).
     jaxllm pretrain --config configs/pretrain.py:tiny
 - `shakespeare_char`: nanoGPT's CPU "baby GPT" on Tiny Shakespeare characters (block 64,
   batch 12, 4 layers, 4 heads, width 128, 2000 iterations, lr 1e-3 -> 1e-4, no dropout).

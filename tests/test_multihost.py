@@ -37,10 +37,10 @@ import pytest
 
 try:  # tests/ is a package (tests/__init__.py) or a plain directory on sys.path
     from tests.test_cli import SMALL, WORDS, subprocess_env, write_corpus
-    from tests.test_resume import batch_digest, committed_checkpoints, trajectory, wait_stopped
+    from tests.test_resume import batch_digest, committed_checkpoints, read_rows, trajectory, wait_stopped
 except ImportError:
     from test_cli import SMALL, WORDS, subprocess_env, write_corpus
-    from test_resume import batch_digest, committed_checkpoints, trajectory, wait_stopped
+    from test_resume import batch_digest, committed_checkpoints, read_rows, trajectory, wait_stopped
 
 from jaxllm.cli import EXIT_PREEMPTED
 
@@ -143,20 +143,8 @@ class Job:
                 proc.wait()
 
 
-def rows(run_dir: pathlib.Path, stage: str, *, strict: bool = True) -> list[dict]:
-    path = run_dir / stage / "metrics.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if strict:
-                raise
-    return out
-
-
 def last_step(run_dir: pathlib.Path) -> int:
-    return max((r["step"] for r in rows(run_dir, "pretrain", strict=False) if "loss" in r), default=0)
+    return max((r["step"] for r in read_rows(run_dir, "pretrain", strict=False) if "loss" in r), default=0)
 
 
 def assert_close_trajectories(got: list[dict], want: list[dict]) -> None:
@@ -231,7 +219,7 @@ def two_hosts(base_env, corpus, tmp_path_factory):
         if frozen is None:
             first.kill()
     first.wait(expect=EXIT_PREEMPTED)
-    stopped = max(r["step"] for r in rows(run_dir, "pretrain") if "loss" in r)
+    stopped = max(r["step"] for r in read_rows(run_dir, "pretrain") if "loss" in r)
     params_after_stop = (run_dir / "pretrain" / "params").exists()
     resumed = Job(base_env, corpus, run_dir, PRETRAIN, hosts=HOSTS, name="pretrain2").wait()
     sft = Job(base_env, corpus, run_dir, sft_command(corpus), hosts=HOSTS, name="sft").wait()
@@ -260,7 +248,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(two_hosts):
 @pytest.mark.slow
 def test_pretrain_two_hosts_match_one_host(one_host, two_hosts):
     run_dir, _ = two_hosts
-    got, want = rows(run_dir, "pretrain"), rows(one_host, "pretrain")
+    got, want = read_rows(run_dir, "pretrain"), read_rows(one_host, "pretrain")
     assert [r["step"] for r in got if "loss" in r] == list(range(1, STEPS + 1))  # one row per step
     losses = [r["loss"] for r in want if "loss" in r]
     assert min(abs(a - b) / a for a, b in zip(losses, losses[1:])) > 10 * RTOL  # the tolerance can see a slip
@@ -271,7 +259,7 @@ def test_pretrain_two_hosts_match_one_host(one_host, two_hosts):
 @pytest.mark.slow
 def test_sft_two_hosts_match_one_host(one_host, two_hosts):
     run_dir, r = two_hosts
-    got, want = rows(run_dir, "sft"), rows(one_host, "sft")
+    got, want = read_rows(run_dir, "sft"), read_rows(one_host, "sft")
     assert [x["step"] for x in got if "loss" in x] == list(range(1, STEPS + 1))
     assert_close_trajectories(got, want)
     assert_close_params(run_dir / "sft" / "params", one_host / "sft" / "params")
@@ -322,7 +310,7 @@ def test_metrics_and_progress_come_from_process_zero(two_hosts):
     assert "[sample @ 6]" in r["resumed"].stdout(0)
     assert len((run_dir / "pretrain" / "samples.jsonl").read_text().splitlines()) == 1
     for stage in ("pretrain", "sft"):
-        train = [x["step"] for x in rows(run_dir, stage) if "loss" in x]
+        train = [x["step"] for x in read_rows(run_dir, stage) if "loss" in x]
         assert train == sorted(set(train))  # one writer: no row twice
 
 

@@ -287,6 +287,33 @@ def test_epochs_determinism_and_random_access(tok, tmp_path):
         np.testing.assert_array_equal(clone[41][k], ds[41][k])
 
 
+def test_visited_groups_and_the_only_view(tok, tmp_path):
+    rng = random.Random(6)
+    path_a = write_jsonl(tmp_path / "a.jsonl", random_pairs(12, rng, "a"))
+    path_b = write_jsonl(tmp_path / "b.jsonl", random_pairs(5, rng, "b"))
+    for spec in (f"jsonl:{path_a}", f"jsonl:{path_a}@1; jsonl:{path_b}@2"):
+        config = data_config(sources=spec, seq_len=32)
+        ds = preference.preference_groups(config, tok, split="train", seed=3)
+        assert ds.num_groups == (12 if "@" not in spec else 17)
+        for n in (0, 1, 7, ds.epoch_length, 2 * ds.epoch_length + 3):
+            want = sorted({int(ds[i]["group_index"]) for i in range(n)})
+            assert ds.visited(n).tolist() == want, (spec, n)
+        ordered = config.copy_and_resolve_references()
+        ordered.eval_sources = config.sources
+        every = preference.preference_groups(ordered, tok, split="eval", seed=0)
+        only = np.asarray([5, 0, 9])
+        view = preference.preference_groups(ordered, tok, split="eval", seed=0, only=only)
+        assert len(view) == 3
+        for i, k in enumerate(only):
+            for key, value in every[int(k)].items():
+                np.testing.assert_array_equal(view[i][key], value)
+        batched = preference.preference_dataset(ordered, tok, split="eval", global_batch_size=2, seed=0, only=only)
+        assert len(batched) == 2 and batched[1]["group_index"].tolist() == [9, 0]  # padded to 2 x 2
+        assert batched[1]["response_mask"].tolist() == [[1, 1], [0, 0]]
+    with pytest.raises(DataError, match="only: 'eval'"):
+        preference.preference_groups(config, tok, split="train", seed=0, only=only)
+
+
 def test_iterator_state_resumes_exactly(tok, tmp_path):
     rng = random.Random(2)
     path_a = write_jsonl(tmp_path / "a.jsonl", random_pairs(20, rng))

@@ -68,9 +68,9 @@ def run_to_completion(env, corpus, run_dir, *overrides) -> subprocess.CompletedP
     return proc
 
 
-def read_rows(run_dir: pathlib.Path, *, strict: bool = True) -> list[dict]:
-    """Rows of metrics.jsonl; with `strict=False` a half-written last line is ignored."""
-    path = run_dir / "pretrain" / "metrics.jsonl"
+def read_rows(run_dir: pathlib.Path, stage: str = "pretrain", *, strict: bool = True) -> list[dict]:
+    """Rows of `stage`'s metrics.jsonl; with `strict=False` a half-written last line is ignored."""
+    path = run_dir / stage / "metrics.jsonl"
     if not path.exists():
         return []
     rows = []

@@ -179,8 +179,11 @@ def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path):
     common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
     ordered = config.data.copy_and_resolve_references()
     ordered.eval_sources = ordered.sources
-    table = dpo.reference_table(model_config, sft_params, preference.preference_dataset(
-        ordered, tok, split="eval", global_batch_size=4, **common), mesh, rules, tmp_path / "ref.npy")
+    train_groups = preference.preference_groups(config.data, tok, split="train", **common)
+    make = lambda only: preference.preference_dataset(  # noqa: E731
+        ordered, tok, split="eval", global_batch_size=4, only=only, **common)
+    table = dpo.reference_table(model_config, sft_params, make, train_groups.num_groups, mesh, rules,
+                                tmp_path / "ref.npy", needed=train_groups.visited(4))
     data = dpo.with_reference(preference.preference_dataset(config.data, tok, split="train", global_batch_size=4,
                                                             **common), table)
     loss_fn = jax.jit(dpo.dpo_loss_fn(model_config, config.dpo))
@@ -193,3 +196,36 @@ def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path):
     np.testing.assert_allclose(float(loss_sum) / count, math.log(2.0), rtol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(float(sums[key]) / count) < 1e-6 * abs(logps), key
+
+
+def test_dpo_reference_covers_the_visited_groups_and_extends_its_cache(run, tmp_path, monkeypatch):
+    root, tok, model_config, sft_params, path = run
+    config = stage_config(dpo, root, path)
+    mesh, rules = one_device_mesh(config), config.mesh.rules
+    common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
+    ordered = config.data.copy_and_resolve_references()
+    ordered.eval_sources = ordered.sources
+    groups = preference.preference_groups(config.data, tok, split="train", **common)
+    n = groups.num_groups
+    read = []
+
+    def make(only):
+        read.append(None if only is None else np.asarray(only).tolist())
+        return preference.preference_dataset(ordered, tok, split="eval", global_batch_size=4, only=only, **common)
+
+    full = dpo.reference_table(model_config, sft_params, make, n, mesh, rules, tmp_path / "full.npy")
+    assert np.isfinite(full).all() and read == [list(range(n))]
+    first, more = groups.visited(3), groups.visited(8)
+    assert 0 < len(first) < len(more) <= n
+    part = dpo.reference_table(model_config, sft_params, make, n, mesh, rules, tmp_path / "part.npy", needed=first)
+    np.testing.assert_allclose(part[first], full[first], rtol=1e-6)
+    assert np.isnan(np.delete(part, first, axis=0)).all()
+    # A longer run reuses the cached table and computes only the groups it lacks.
+    again = dpo.reference_table(model_config, sft_params, make, n, mesh, rules, tmp_path / "part.npy", needed=more)
+    assert read[-1] == sorted(set(more.tolist()) - set(first.tolist()))
+    np.testing.assert_allclose(again[more], full[more], rtol=1e-6)
+    # Every train batch of those steps finds its reference values.
+    data = dpo.with_reference(preference.preference_dataset(config.data, tok, split="train", global_batch_size=4,
+                                                            **common), again)
+    for s in range(2):
+        assert np.isfinite(data[s]["ref_logps"]).all()

@@ -518,14 +518,16 @@ class PreferenceGroups(grain.MapDataset):
 
     def __init__(self, parts: Sequence[Groups], fitted: Sequence[tuple], seq_len: int,
                  max_responses: int, *, seed: int | None = None,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, only: np.ndarray | None = None):
         """`parts`: rendered groups per source; `fitted`: per source, `(ids, cuts)` of
-        `fit_groups`; `weights`: mixture weights per source, or None.
+        `fit_groups`; `weights`: mixture weights per source, or None; `only` (finite view): the
+        kept-group positions to read, in this order (None: all of them).
 
         Raises:
           DataError: no groups, or weights that give an empty epoch.
         """  # fmt: skip
         super().__init__()
+        self._only = None if only is None else np.asarray(only, np.int64)
         self._parts, self._sizes = list(parts), [len(ids) for ids, *_ in fitted]
         self._part = np.repeat(np.arange(len(self._sizes)), self._sizes)
         self._ids = sft._cat([ids for ids, *_ in fitted], np.int64)
@@ -544,14 +546,30 @@ class PreferenceGroups(grain.MapDataset):
         weights = None if self._weights is None else tuple(self._weights)
         return _epoch_order(tuple(self._sizes), weights, self._seed, e)
 
+    @property
+    def num_groups(self) -> int:
+        """Kept groups of the source set (the range of `group_index`)."""
+        return len(self._ids)
+
+    def visited(self, num_elements: int) -> np.ndarray:
+        """Sorted kept-group positions that train elements `0 .. num_elements - 1` read."""
+        seen, left, e = [], int(num_elements), 0
+        while left > 0:
+            seen.append(self.epoch(e)[:left])
+            left, e = left - self.epoch_length, e + 1
+        return np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+
     def __len__(self) -> int:
-        return sys.maxsize if self._seed is not None else len(self._ids)
+        if self._seed is not None:
+            return sys.maxsize
+        return len(self._ids) if self._only is None else len(self._only)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
         if self._seed is None:
-            return self.row(int(index) % len(self))
+            index = int(index) % len(self)
+            return self.row(index if self._only is None else int(self._only[index]))
         e, j = divmod(int(index), self.epoch_length)
         return self.row(int(self.epoch(e)[j]))
 
@@ -589,35 +607,23 @@ class PreferenceGroups(grain.MapDataset):
                 f"K={self.max_responses}, seed={self._seed}, weights={self._weights})")  # fmt: skip
 
 
-def preference_dataset(
-    data_config: ml_collections.ConfigDict, tokenizer, *, split: str, global_batch_size: int,
-    seed: int, cache_dir: str | os.PathLike = "", data_root: str = "", process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:  # fmt: skip
-    """The preference dataset of this process: batches of groups (module docstring).
+def preference_groups(
+    data_config: ml_collections.ConfigDict, tokenizer, *, split: str, seed: int,
+    cache_dir: str | os.PathLike = "", data_root: str = "", only: np.ndarray | None = None,
+) -> PreferenceGroups:  # fmt: skip
+    """The global, unbatched `PreferenceGroups` of a split (see `preference_dataset`).
 
-    Args:
-      data_config: The `data` section (`default_config()`).
-      tokenizer: A `jaxllm.data.tokenizer.Tokenizer` with the role markers.
-      split: "train" (`data_config.sources`; infinite, mixed and shuffled by `seed`) or "eval"
-        (`data_config.eval_sources`, weights ignored; finite, in order, zero-padded last batch).
-      global_batch_size: Groups per global batch, B.
-      seed: Data-order seed (train).
-      cache_dir: Render cache directory; "" = no cache.
-      data_root: Replaces `{data_root}` in source specs.
-      process_index, process_count: This process p of P; B % P == 0.
-
-    Returns:
-      A `grain.MapDataset` whose element `s` is this process's slice of global batch `s` (module
-      docstring, point 6, with b = B / P); `len()` is `sys.maxsize` for train, else the batches.
+    `only` (split "eval"): read just these kept-group positions, in order (DPO's reference pass
+    over the train groups a run visits).
 
     Raises:
-      DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
-        batch layout, seq_len < 1, or no groups left (or a weighted source left empty).
+      DataError: as `preference_dataset`.
     """
-    lm.check_batch_layout("preference_dataset", split, global_batch_size, process_index, process_count)
     seq_len, truncation = int(data_config.seq_len), str(data_config.truncation)
     max_responses = int(data_config.max_responses)
+    if split not in lm.SPLITS or (only is not None and split != "eval"):
+        raise DataError(f"preference_groups split={split!r}{' with only=' if only is not None else ''}; "
+                        f"expected one of {lm.SPLITS} (only: 'eval')")
     problems = [
         truncation not in TRUNCATIONS and f"data.truncation={truncation!r} ({TRUNCATIONS})",
         seq_len < 1 and f"data.seq_len={seq_len} < 1",
@@ -638,10 +644,42 @@ def preference_dataset(
         if split == "train" and s.weight is not None and not len(ids):
             raise DataError(f"preference source {s.text!r} has no groups left after fitting")
     if split == "eval":
-        ds = PreferenceGroups(parts, fitted, seq_len, max_responses)
+        return PreferenceGroups(parts, fitted, seq_len, max_responses, only=only)
+    weights = None if specs[0].weight is None else [s.weight for s in specs]
+    return PreferenceGroups(parts, fitted, seq_len, max_responses, seed=seed, weights=weights)
+
+
+def preference_dataset(
+    data_config: ml_collections.ConfigDict, tokenizer, *, split: str, global_batch_size: int,
+    seed: int, cache_dir: str | os.PathLike = "", data_root: str = "", process_index: int = 0,
+    process_count: int = 1, only: np.ndarray | None = None,
+) -> grain.MapDataset:  # fmt: skip
+    """The preference dataset of this process: batches of groups (module docstring).
+
+    Args:
+      data_config: The `data` section (`default_config()`).
+      tokenizer: A `jaxllm.data.tokenizer.Tokenizer` with the role markers.
+      split: "train" (`data_config.sources`; infinite, mixed and shuffled by `seed`) or "eval"
+        (`data_config.eval_sources`, weights ignored; finite, in order, zero-padded last batch).
+      global_batch_size: Groups per global batch, B.
+      seed: Data-order seed (train).
+      cache_dir: Render cache directory; "" = no cache.
+      data_root: Replaces `{data_root}` in source specs.
+      process_index, process_count: This process p of P; B % P == 0.
+      only: eval split only: the kept-group positions to read, in order (None: all).
+
+    Returns:
+      A `grain.MapDataset` whose element `s` is this process's slice of global batch `s` (module
+      docstring, point 6, with b = B / P); `len()` is `sys.maxsize` for train, else the batches.
+
+    Raises:
+      DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
+        batch layout, seq_len < 1, or no groups left (or a weighted source left empty).
+    """
+    lm.check_batch_layout("preference_dataset", split, global_batch_size, process_index, process_count)
+    ds = preference_groups(data_config, tokenizer, split=split, seed=seed, cache_dir=cache_dir,
+                           data_root=data_root, only=only)
+    if split == "eval":
         ds = lm._PadToMultiple(ds, global_batch_size)
-    else:
-        weights = None if specs[0].weight is None else [s.weight for s in specs]
-        ds = PreferenceGroups(parts, fitted, seq_len, max_responses, seed=seed, weights=weights)
     local = lm._ProcessSlice(ds, global_batch_size, process_index, process_count)
     return local.batch(global_batch_size // process_count)

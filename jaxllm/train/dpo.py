@@ -2,7 +2,9 @@
 
 `jaxllm dpo --config configs/dpo.py:ARG` starts the policy from the SFT `params/`; the reference
 is the same SFT model, whose sequence log-probabilities (sum over response tokens) are computed
-once before training, cached in `RUN_DIR/dpo/reference/`, and looked up per preference group.
+once before training for the train groups the run will read (`train.steps x train.batch_size`
+elements of the shuffled train view) and for every eval group, cached in `RUN_DIR/dpo/reference/`,
+and looked up per preference group.
 Losses: sigmoid (with cDPO label smoothing), IPO, hinge (`objectives.dpo_loss`); metrics use
 TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
 `logps/chosen`, `logps/rejected`).
@@ -77,33 +79,40 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def reference_table(model_config, ref_params, data, mesh, rules, path: pathlib.Path) -> np.ndarray:
-    """Reference log-probs `[groups, K]` of every group of the finite dataset `data`, cached at `path`.
+def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, rules, path: pathlib.Path,
+                    needed: np.ndarray | None = None) -> np.ndarray:
+    """Reference log-probs `[num_groups, K]` float32 of the groups `needed`, cached at `path`.
 
-    Each global batch is evaluated on the mesh and its results (and group indices) are replicated,
-    so every process holds the whole table.
+    `make_data(positions)` gives the finite preference dataset of those kept-group positions (in
+    order); `needed` None means every group. Groups not computed hold NaN. A cached table is
+    reused, and only the needed groups it lacks are computed and added (a longer run after a
+    shorter one). Each global batch is evaluated on the mesh and its results are replicated, so
+    every process holds the whole table.
     """
-    if path.exists():
-        return np.load(path)
+    want = np.arange(num_groups) if needed is None else np.asarray(needed, np.int64)
+    table = np.load(path) if path.exists() else None
+    if table is None or table.shape[0] != num_groups:
+        table = np.full((num_groups, 2), np.nan, np.float32)
+    missing = want[np.isnan(table[want]).any(axis=1)]
+    if not len(missing):
+        return table
     forward = jax.jit(lambda p, b: (group_logps(model_config, p, b), b["group_index"]),
                       out_shardings=sharding.replicated(mesh))  # every process gets the whole batch
-    indices, values = [], []
+    count = 0
     with sharding.activate(mesh, rules):
-        for local in data:
+        for local in make_data(missing):
             batch = sharding.global_batch(local, mesh, rules)
             logps, index, valid = jax.device_get(forward(ref_params, batch) + (batch["response_mask"],))
             keep = np.asarray(valid).any(axis=1)  # padding groups of the last batch
-            indices.append(np.asarray(index)[keep])
-            values.append(np.asarray(logps)[keep])
-    indices, values = np.concatenate(indices), np.concatenate(values)
-    table = np.zeros((indices.max() + 1, values.shape[1]), np.float32)
-    table[indices] = values
+            table[np.asarray(index)[keep]] = np.asarray(logps)[keep]
+            count += int(keep.sum())
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, table)
         tmp.replace(path)
-    logging.info("reference log-probs of %d groups -> %s", len(indices), path)
+    logging.info("reference log-probs of %d groups (%d of %d cached before) -> %s", count,
+                 len(want) - len(missing), num_groups, path)
     return table
 
 
@@ -131,11 +140,20 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     ref_params = ckpt_lib.load_params(params_dir, abstract)
     ref_dir = config_lib.stage_dir(config) / "reference"
 
-    # The train groups, in order, once: the same group indices as the shuffled train view.
+    # Reference log-probs of the train groups this run reads (steps x batch elements of the
+    # shuffled view), computed once through an in-order view with the same group indices.
+    groups_of = lambda spec, split, only=None: preference.preference_groups(  # noqa: E731
+        spec, tokenizer, split=split, seed=config.seed, cache_dir=common["cache_dir"],
+        data_root=config.data_root, only=only)
     ordered = dc.copy_and_resolve_references()
     ordered.eval_sources = dc.sources
-    table = reference_table(model_config, ref_params, preference.preference_dataset(
-        ordered, tokenizer, split="eval", global_batch_size=eval_batch, **common), mesh, rules, ref_dir / "train.npy")
+    train_groups = groups_of(dc, "train")
+    table = reference_table(
+        model_config, ref_params,
+        lambda only: preference.preference_dataset(ordered, tokenizer, split="eval", global_batch_size=eval_batch,
+                                                   only=only, **common),
+        train_groups.num_groups, mesh, rules, ref_dir / "train.npy",
+        needed=train_groups.visited(tc.steps * tc.batch_size))
     train_data = with_reference(preference.preference_dataset(
         dc, tokenizer, split="train", global_batch_size=tc.batch_size, **common), table)
     eval_data = {}
@@ -143,9 +161,11 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         one = dc.copy_and_resolve_references()
         one.eval_sources = spec
         name = reward.eval_name(spec)
-        data = preference.preference_dataset(one, tokenizer, split="eval", global_batch_size=eval_batch, **common)
-        eval_data[name] = with_reference(data, reference_table(model_config, ref_params, data, mesh, rules,
-                                                               ref_dir / f"eval_{name}.npy"))
+        make = lambda only, one=one: preference.preference_dataset(  # noqa: E731
+            one, tokenizer, split="eval", global_batch_size=eval_batch, only=only, **common)
+        table_eval = reference_table(model_config, ref_params, make, groups_of(one, "eval").num_groups, mesh, rules,
+                                     ref_dir / f"eval_{name}.npy")
+        eval_data[name] = with_reference(make(None), table_eval)
     del ref_params
     sequences = tc.batch_size * 2
     return loop.Stage(
