@@ -10,6 +10,12 @@ ARG is one of:
   gsm8k_model_solutions}` train splits; held-out accuracy on each test split.
     jaxllm reward --config configs/reward.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
 - `real_rankings`: the same with OASST's human rankings as K-wise groups (InstructGPT's loss).
+- `real_safety` / `real_helpful`: Llama-2's two reward models (Touvron et al. 2023, section
+  3.2.2: helpfulness and safety preferences pull against each other, so each gets its own RM).
+  Safety: HH-harmless alone (seq 256, 260 steps x 16 pairs = 2 epochs, lr 1e-4). Helpfulness:
+  OASST and GSM8K solutions mixed 1:1 (seq 512, 300 steps x 8 pairs, lr 1e-4); it is also
+  evaluated on HH-harmless to show the tension. Measured accuracies: bench/RESULTS.md.
+    jaxllm reward --config configs/reward.py:real_safety --config.data_root=../shared/data --config.run_dir=runs/shared
 """
 
 from jaxllm.train import reward
@@ -38,6 +44,21 @@ def get_config(arg: str = "tiny"):
             c.data.max_responses = 9
             c.data.sources = c.data.sources.replace("oasst_en100_rankings/train.jsonl",
                                                     "oasst_en100_rankings/train.jsonl#rankings")
+    elif arg == "real_safety":
+        c.run_dir = "runs/shared"
+        c.data.sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/train.jsonl"
+        c.data.eval_sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/test.jsonl"
+        c.data.seq_len = 256
+        c.train.update(steps=260, batch_size=16, eval_every=65, log_every=20, eval_at_start=True)
+        c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20)
+    elif arg == "real_helpful":
+        c.run_dir = "runs/shared"
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl@1" for name in REAL_SETS[1:])
+        c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
+        c.data.seq_len = 512
+        c.train.update(steps=300, batch_size=8, eval_every=100, log_every=20, eval_at_start=True)
+        c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20)
     else:
-        raise KeyError(f"unknown reward config {arg!r}; expected tiny, real or real_rankings")
+        raise KeyError(f"unknown reward config {arg!r}; expected tiny, real, real_rankings, real_safety or "
+                       f"real_helpful")
     return c

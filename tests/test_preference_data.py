@@ -287,7 +287,7 @@ def test_epochs_determinism_and_random_access(tok, tmp_path):
         np.testing.assert_array_equal(clone[41][k], ds[41][k])
 
 
-def test_visited_groups_and_the_only_view(tok, tmp_path):
+def test_visited_groups_and_in_order_views(tok, tmp_path):
     rng = random.Random(6)
     path_a = write_jsonl(tmp_path / "a.jsonl", random_pairs(12, rng, "a"))
     path_b = write_jsonl(tmp_path / "b.jsonl", random_pairs(5, rng, "b"))
@@ -298,20 +298,24 @@ def test_visited_groups_and_the_only_view(tok, tmp_path):
         for n in (0, 1, 7, ds.epoch_length, 2 * ds.epoch_length + 3):
             want = sorted({int(ds[i]["group_index"]) for i in range(n)})
             assert ds.visited(n).tolist() == want, (spec, n)
-        ordered = config.copy_and_resolve_references()
-        ordered.eval_sources = config.sources
-        every = preference.preference_groups(ordered, tok, split="eval", seed=0)
-        only = np.asarray([5, 0, 9])
-        view = preference.preference_groups(ordered, tok, split="eval", seed=0, only=only)
+        every, only = ds.view(), np.asarray([5, 0, 9])
+        assert len(every) == ds.num_groups
+        assert [int(every[k]["group_index"]) for k in range(len(every))] == list(range(ds.num_groups))
+        view = ds.view(only)
         assert len(view) == 3
         for i, k in enumerate(only):
             for key, value in every[int(k)].items():
                 np.testing.assert_array_equal(view[i][key], value)
-        batched = preference.preference_dataset(ordered, tok, split="eval", global_batch_size=2, seed=0, only=only)
+        batched = preference.batch_groups(view, global_batch_size=2)
         assert len(batched) == 2 and batched[1]["group_index"].tolist() == [9, 0]  # padded to 2 x 2
         assert batched[1]["response_mask"].tolist() == [[1, 1], [0, 0]]
-    with pytest.raises(DataError, match="only: 'eval'"):
-        preference.preference_groups(config, tok, split="train", seed=0, only=only)
+        # The in-order view of the train groups is the eval split of the same sources.
+        ordered = config.copy_and_resolve_references()
+        ordered.eval_sources = config.sources
+        as_eval = preference.preference_groups(ordered, tok, split="eval", seed=0)
+        for k in (0, 4, ds.num_groups - 1):
+            for key, value in as_eval[k].items():
+                np.testing.assert_array_equal(every[k][key], value)
 
 
 def test_iterator_state_resumes_exactly(tok, tmp_path):

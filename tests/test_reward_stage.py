@@ -177,15 +177,11 @@ def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path):
     config = stage_config(dpo, root, path)
     mesh, rules = one_device_mesh(config), config.mesh.rules
     common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
-    ordered = config.data.copy_and_resolve_references()
-    ordered.eval_sources = ordered.sources
-    train_groups = preference.preference_groups(config.data, tok, split="train", **common)
-    make = lambda only: preference.preference_dataset(  # noqa: E731
-        ordered, tok, split="eval", global_batch_size=4, only=only, **common)
-    table = dpo.reference_table(model_config, sft_params, make, train_groups.num_groups, mesh, rules,
-                                tmp_path / "ref.npy", needed=train_groups.visited(4))
-    data = dpo.with_reference(preference.preference_dataset(config.data, tok, split="train", global_batch_size=4,
-                                                            **common), table)
+    groups = preference.preference_groups(config.data, tok, split="train", **common)
+    table = dpo.reference_table(model_config, sft_params,
+                                lambda only: preference.batch_groups(groups.view(only), global_batch_size=4),
+                                groups.num_groups, mesh, rules, tmp_path / "ref.npy", needed=groups.visited(4))
+    data = dpo.with_reference(preference.batch_groups(groups, global_batch_size=4), table)
     loss_fn = jax.jit(dpo.dpo_loss_fn(model_config, config.dpo))
     with sharding.activate(mesh, rules):
         loss_sum, sums = loss_fn(sft_params, sharding.global_batch(data[0], mesh, rules), None)
@@ -203,15 +199,13 @@ def test_dpo_reference_covers_the_visited_groups_and_extends_its_cache(run, tmp_
     config = stage_config(dpo, root, path)
     mesh, rules = one_device_mesh(config), config.mesh.rules
     common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
-    ordered = config.data.copy_and_resolve_references()
-    ordered.eval_sources = ordered.sources
     groups = preference.preference_groups(config.data, tok, split="train", **common)
     n = groups.num_groups
     read = []
 
     def make(only):
-        read.append(None if only is None else np.asarray(only).tolist())
-        return preference.preference_dataset(ordered, tok, split="eval", global_batch_size=4, only=only, **common)
+        read.append(np.asarray(only).tolist())
+        return preference.batch_groups(groups.view(only), global_batch_size=4)
 
     full = dpo.reference_table(model_config, sft_params, make, n, mesh, rules, tmp_path / "full.npy")
     assert np.isfinite(full).all() and read == [list(range(n))]
@@ -225,7 +219,6 @@ def test_dpo_reference_covers_the_visited_groups_and_extends_its_cache(run, tmp_
     assert read[-1] == sorted(set(more.tolist()) - set(first.tolist()))
     np.testing.assert_allclose(again[more], full[more], rtol=1e-6)
     # Every train batch of those steps finds its reference values.
-    data = dpo.with_reference(preference.preference_dataset(config.data, tok, split="train", global_batch_size=4,
-                                                            **common), again)
+    data = dpo.with_reference(preference.batch_groups(groups, global_batch_size=4), again)
     for s in range(2):
         assert np.isfinite(data[s]["ref_logps"]).all()

@@ -527,6 +527,7 @@ class PreferenceGroups(grain.MapDataset):
           DataError: no groups, or weights that give an empty epoch.
         """  # fmt: skip
         super().__init__()
+        self._fitted = list(fitted)
         self._only = None if only is None else np.asarray(only, np.int64)
         self._parts, self._sizes = list(parts), [len(ids) for ids, *_ in fitted]
         self._part = np.repeat(np.arange(len(self._sizes)), self._sizes)
@@ -550,6 +551,11 @@ class PreferenceGroups(grain.MapDataset):
     def num_groups(self) -> int:
         """Kept groups of the source set (the range of `group_index`)."""
         return len(self._ids)
+
+    def view(self, only: np.ndarray | None = None) -> "PreferenceGroups":
+        """The finite, in-order view of the same groups: all of them, or the kept-group positions
+        `only` in that order (DPO's reference pass over the train groups a run reads)."""
+        return PreferenceGroups(self._parts, self._fitted, self.seq_len, self.max_responses, only=only)
 
     def visited(self, num_elements: int) -> np.ndarray:
         """Sorted kept-group positions that train elements `0 .. num_elements - 1` read."""
@@ -609,21 +615,17 @@ class PreferenceGroups(grain.MapDataset):
 
 def preference_groups(
     data_config: ml_collections.ConfigDict, tokenizer, *, split: str, seed: int,
-    cache_dir: str | os.PathLike = "", data_root: str = "", only: np.ndarray | None = None,
+    cache_dir: str | os.PathLike = "", data_root: str = "",
 ) -> PreferenceGroups:  # fmt: skip
-    """The global, unbatched `PreferenceGroups` of a split (see `preference_dataset`).
-
-    `only` (split "eval"): read just these kept-group positions, in order (DPO's reference pass
-    over the train groups a run visits).
+    """The global, unbatched `PreferenceGroups` of a split (arguments as `preference_dataset`).
 
     Raises:
       DataError: as `preference_dataset`.
     """
+    if split not in lm.SPLITS:
+        raise DataError(f"preference_groups split={split!r}; expected one of {lm.SPLITS}")
     seq_len, truncation = int(data_config.seq_len), str(data_config.truncation)
     max_responses = int(data_config.max_responses)
-    if split not in lm.SPLITS or (only is not None and split != "eval"):
-        raise DataError(f"preference_groups split={split!r}{' with only=' if only is not None else ''}; "
-                        f"expected one of {lm.SPLITS} (only: 'eval')")
     problems = [
         truncation not in TRUNCATIONS and f"data.truncation={truncation!r} ({TRUNCATIONS})",
         seq_len < 1 and f"data.seq_len={seq_len} < 1",
@@ -644,15 +646,31 @@ def preference_groups(
         if split == "train" and s.weight is not None and not len(ids):
             raise DataError(f"preference source {s.text!r} has no groups left after fitting")
     if split == "eval":
-        return PreferenceGroups(parts, fitted, seq_len, max_responses, only=only)
+        return PreferenceGroups(parts, fitted, seq_len, max_responses)
     weights = None if specs[0].weight is None else [s.weight for s in specs]
     return PreferenceGroups(parts, fitted, seq_len, max_responses, seed=seed, weights=weights)
+
+
+def batch_groups(groups: PreferenceGroups, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:  # fmt: skip
+    """This process's slices of the global batches of `groups` (a finite view is zero-padded to
+    whole batches; see `preference_dataset`).
+
+    Raises:
+      DataError: a bad batch layout.
+    """
+    finite = len(groups) < sys.maxsize
+    lm.check_batch_layout("preference_dataset", "eval" if finite else "train", global_batch_size,
+                          process_index, process_count)  # fmt: skip
+    ds = lm._PadToMultiple(groups, global_batch_size) if finite else groups
+    local = lm._ProcessSlice(ds, global_batch_size, process_index, process_count)
+    return local.batch(global_batch_size // process_count)
 
 
 def preference_dataset(
     data_config: ml_collections.ConfigDict, tokenizer, *, split: str, global_batch_size: int,
     seed: int, cache_dir: str | os.PathLike = "", data_root: str = "", process_index: int = 0,
-    process_count: int = 1, only: np.ndarray | None = None,
+    process_count: int = 1,
 ) -> grain.MapDataset:  # fmt: skip
     """The preference dataset of this process: batches of groups (module docstring).
 
@@ -666,7 +684,6 @@ def preference_dataset(
       cache_dir: Render cache directory; "" = no cache.
       data_root: Replaces `{data_root}` in source specs.
       process_index, process_count: This process p of P; B % P == 0.
-      only: eval split only: the kept-group positions to read, in order (None: all).
 
     Returns:
       A `grain.MapDataset` whose element `s` is this process's slice of global batch `s` (module
@@ -676,10 +693,7 @@ def preference_dataset(
       DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
         batch layout, seq_len < 1, or no groups left (or a weighted source left empty).
     """
-    lm.check_batch_layout("preference_dataset", split, global_batch_size, process_index, process_count)
-    ds = preference_groups(data_config, tokenizer, split=split, seed=seed, cache_dir=cache_dir,
-                           data_root=data_root, only=only)
-    if split == "eval":
-        ds = lm._PadToMultiple(ds, global_batch_size)
-    local = lm._ProcessSlice(ds, global_batch_size, process_index, process_count)
-    return local.batch(global_batch_size // process_count)
+    groups = preference_groups(data_config, tokenizer, split=split, seed=seed, cache_dir=cache_dir,
+                               data_root=data_root)
+    return batch_groups(groups, global_batch_size=global_batch_size, process_index=process_index,
+                        process_count=process_count)

@@ -131,8 +131,9 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     pretrain.resolve_vocab(config, tokenizer)
     model_config = llama.LlamaConfig.from_config(config.model)
     tc, dc, rules = config.train, config.data, config.mesh.rules
-    common = dict(seed=config.seed, cache_dir=lm.resolve_cache_dir(dc, config.run_dir), data_root=config.data_root,
-                  process_index=jax.process_index(), process_count=jax.process_count())
+    sources = dict(tokenizer=tokenizer, seed=config.seed, cache_dir=lm.resolve_cache_dir(dc, config.run_dir),
+                   data_root=config.data_root)
+    layout = dict(process_index=jax.process_index(), process_count=jax.process_count())
     eval_batch = tc.eval_batch_size or tc.batch_size
 
     params_dir = sft.source_stage_dir(config) / "params"
@@ -141,31 +142,24 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     ref_dir = config_lib.stage_dir(config) / "reference"
 
     # Reference log-probs of the train groups this run reads (steps x batch elements of the
-    # shuffled view), computed once through an in-order view with the same group indices.
-    groups_of = lambda spec, split, only=None: preference.preference_groups(  # noqa: E731
-        spec, tokenizer, split=split, seed=config.seed, cache_dir=common["cache_dir"],
-        data_root=config.data_root, only=only)
-    ordered = dc.copy_and_resolve_references()
-    ordered.eval_sources = dc.sources
-    train_groups = groups_of(dc, "train")
-    table = reference_table(
-        model_config, ref_params,
-        lambda only: preference.preference_dataset(ordered, tokenizer, split="eval", global_batch_size=eval_batch,
-                                                   only=only, **common),
-        train_groups.num_groups, mesh, rules, ref_dir / "train.npy",
-        needed=train_groups.visited(tc.steps * tc.batch_size))
-    train_data = with_reference(preference.preference_dataset(
-        dc, tokenizer, split="train", global_batch_size=tc.batch_size, **common), table)
+    # shuffled view), computed once through in-order views with the same group indices.
+    def in_order(g):
+        return lambda only: preference.batch_groups(g.view(only), global_batch_size=eval_batch, **layout)
+
+    train_groups = preference.preference_groups(dc, split="train", **sources)
+    table = reference_table(model_config, ref_params, in_order(train_groups), train_groups.num_groups, mesh, rules,
+                            ref_dir / "train.npy", needed=train_groups.visited(tc.steps * tc.batch_size))
+    train_data = with_reference(preference.batch_groups(train_groups, global_batch_size=tc.batch_size, **layout),
+                                table)
     eval_data = {}
     for spec in filter(None, dc.eval_sources.split(";")):
         one = dc.copy_and_resolve_references()
         one.eval_sources = spec
         name = reward.eval_name(spec)
-        make = lambda only, one=one: preference.preference_dataset(  # noqa: E731
-            one, tokenizer, split="eval", global_batch_size=eval_batch, only=only, **common)
-        table_eval = reference_table(model_config, ref_params, make, groups_of(one, "eval").num_groups, mesh, rules,
-                                     ref_dir / f"eval_{name}.npy")
-        eval_data[name] = with_reference(make(None), table_eval)
+        eval_groups = preference.preference_groups(one, split="eval", **sources)
+        eval_table = reference_table(model_config, ref_params, in_order(eval_groups), eval_groups.num_groups, mesh,
+                                     rules, ref_dir / f"eval_{name}.npy")
+        eval_data[name] = with_reference(in_order(eval_groups)(None), eval_table)
     del ref_params
     sequences = tc.batch_size * 2
     return loop.Stage(
