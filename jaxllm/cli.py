@@ -341,7 +341,7 @@ def cmd_score(argv: Sequence[str]) -> int:
 
     from jaxllm import config as config_lib
     from jaxllm import inference
-    from jaxllm.data import preference
+    from jaxllm.data import preference_records
 
     parser = argparse.ArgumentParser(prog="jaxllm score")
     parser.add_argument("--run", required=True, help="run directory")
@@ -352,7 +352,7 @@ def cmd_score(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise config_lib.ConfigError(f"--batch_size={args.batch_size} must be >= 1")
-    stats = preference.PreferenceStats()
+    stats = preference_records.PreferenceStats()
     records = inference.read_scoring_records(args.input, stats)
     stage = inference.load_stage(args.run, args.stage, head="scalar")
     rewards, truncated = inference.score_groups(stage, [g for *_, g in records], batch_size=args.batch_size)

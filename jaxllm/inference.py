@@ -49,7 +49,7 @@ from jaxllm import config as config_lib
 from jaxllm import sampling
 from jaxllm import sharding
 from jaxllm.data import chat
-from jaxllm.data import preference
+from jaxllm.data import preference, preference_records
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.sources import DataError
 from jaxllm.models import llama
@@ -285,29 +285,29 @@ def write_jsonl(path: str | pathlib.Path, rows: Sequence[dict]) -> None:
 
 
 def read_scoring_records(path: str | pathlib.Path,
-                         stats: preference.PreferenceStats | None = None) -> list[tuple[Any, str, dict]]:
+                         stats: preference_records.PreferenceStats | None = None) -> list[tuple[Any, str, dict]]:
     """Conversations and preference groups to score, as `(id, kind, group)`.
 
     `kind` and record formats, by the first rule that applies:
     - "group": preference records (`chosen`/`rejected` message lists or HH strings, `chosen_text`,
-      ranking groups with `responses`), read by `preference.normalize_record`; its counted skips
+      ranking groups with `responses`), read by `preference_records.normalize_record`; its counted skips
       (identical responses, empty prompt, all ranks tied) are left out and counted in `stats`.
     - "generation": `prompt` messages with a `response` string (the rows `jaxllm generate` writes).
     - "conversation": anything `chat.to_messages` reads (`messages`, ShareGPT, Alpaca,
       prompt/completion), ending on an assistant turn.
-    `group` is `{"prompt", "responses", "ranks", "margin"}` as `preference.load_groups` returns it
+    `group` is `{"prompt", "responses", "ranks", "margin"}` as `preference_records.load_groups` returns it
     (a conversation: the messages before its last assistant turn, and that turn). The id is the
     record's `id`, else its 1-based line number.
 
     Raises:
       DataError: a bad record or conversation, naming file and line.
     """
-    stats = stats if stats is not None else preference.PreferenceStats()
+    stats = stats if stats is not None else preference_records.PreferenceStats()
     out = []
     for lineno, record in chat.read_records(path):
         where, rid = f"{path}:{lineno}", record.get("id", lineno)
         if any(k in record for k in ("chosen", "chosen_text", "responses")):
-            group = preference.normalize_record(record, where, stats)
+            group = preference_records.normalize_record(record, where, stats)
             if group is not None:
                 out.append((rid, "group", group))
             continue

@@ -25,7 +25,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
 from jaxllm import inference
 from jaxllm import sampling
-from jaxllm.data import chat, preference, tokenizer as tokenizer_lib
+from jaxllm.data import chat, preference_records, tokenizer as tokenizer_lib
 from jaxllm.data.sources import DataError
 from jaxllm.models import llama
 from jaxllm.train import reward, sft
@@ -351,7 +351,7 @@ def test_scoring_records_kinds_skips_and_errors(tmp_path):
         {"id": "empty", "prompt": [], "chosen": [bot("a")], "rejected": [bot("b")]},
         {"id": "tied", "prompt": [user("u")], "responses": ["a", "b"], "ranks": [1, 1]},
     ]
-    stats = preference.PreferenceStats()
+    stats = preference_records.PreferenceStats()
     got = inference.read_scoring_records(write_jsonl(tmp_path / "s.jsonl", records), stats)
     assert [(rid, kind) for rid, kind, _ in got] == [("c", "conversation"), (2, "conversation"),
                                                      ("g", "generation"), ("p", "group")]

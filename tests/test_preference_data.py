@@ -10,7 +10,7 @@ import grain
 import numpy as np
 import pytest
 
-from jaxllm.data import chat, lm, preference, sft, tokenizer
+from jaxllm.data import chat, lm, preference, preference_records, sft, tokenizer
 from jaxllm.data.sources import DataError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?<|>/\n0123456789"
@@ -84,8 +84,8 @@ def test_every_format_gives_the_same_normalized_group(tmp_path):
         {"chosen": transcript + "No.", "rejected": transcript + "Knock knock."},
         {"chosen_text": transcript + "No.", "rejected_text": transcript + "Knock knock."},
     ]
-    stats = preference.PreferenceStats()
-    groups = preference.load_groups(f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', records)}",
+    stats = preference_records.PreferenceStats()
+    groups = preference_records.load_groups(f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', records)}",
                                     stats=stats)  # fmt: skip
     assert groups == [expected, {**expected, "ranks": [3, 7]}, no_system, no_system]
     assert stats.formats == {"pairs": 1, "ranking": 1, "hh": 2}
@@ -93,26 +93,26 @@ def test_every_format_gives_the_same_normalized_group(tmp_path):
     # Multi-message responses continue the conversation; a margin is kept.
     record = {"prompt": [user("Q")], "chosen": [bot("A"), user("More"), bot("B")],
               "rejected": [bot("C")], "margin": 2}  # fmt: skip
-    (group,) = preference.load_groups(f"jsonl:{write_jsonl(tmp_path / 'b.jsonl', [record])}")
+    (group,) = preference_records.load_groups(f"jsonl:{write_jsonl(tmp_path / 'b.jsonl', [record])}")
     assert group == {"prompt": [user("Q")], "responses": [record["chosen"], [bot("C")]],
                      "ranks": [0, 1], "margin": 2.0}  # fmt: skip
 
 
 def test_hh_split_by_hand():
     text = "\n\nHuman: a\n\nAssistant:  b  Human: c\n\nAssistant: d\n\nHuman:e"
-    messages = preference.hh_split(text)
+    messages = preference_records.hh_split(text)
     assert messages == [user("a"), bot(" b  Human: c"), bot("d"), user("e")]
     chosen = "\n\nHuman: q\n\nAssistant: x\n\nHuman: r\n\nAssistant: y"
     rejected = "\n\nHuman: q\n\nAssistant: x\n\nHuman: r\n\nAssistant: z\n\nHuman: s"
-    assert preference.hh_pair(chosen, rejected) == (
+    assert preference_records.hh_pair(chosen, rejected) == (
         [user("q"), bot("x"), user("r")], [bot("y")], [bot("z"), user("s")]
     )
     # The shared prefix ends on an assistant turn: cut back to the user turn before it.
     short = "\n\nHuman: q\n\nAssistant: x"
-    assert preference.hh_pair(short, short + "2") == ([user("q")], [bot("x")], [bot("x2")])
-    assert hh_render(preference.hh_split(chosen)) == chosen
+    assert preference_records.hh_pair(short, short + "2") == ([user("q")], [bot("x")], [bot("x2")])
+    assert hh_render(preference_records.hh_split(chosen)) == chosen
     with pytest.raises(DataError, match="f.jsonl:3: HH transcript starts with 'Human: q'"):
-        preference.hh_split("Human: q", "f.jsonl:3")
+        preference_records.hh_split("Human: q", "f.jsonl:3")
 
 
 @pytest.mark.parametrize(
@@ -136,20 +136,20 @@ def test_hh_split_by_hand():
 def test_record_errors_name_file_and_line(tmp_path, record, match):
     path = write_jsonl(tmp_path / "bad.jsonl", [pair("q", "a", "b"), record])
     with pytest.raises(DataError, match=match) as info:
-        preference.load_groups(f"jsonl:{path}")
+        preference_records.load_groups(f"jsonl:{path}")
     assert f"{path}:2" in str(info.value)
 
 
 def test_source_spec_errors(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [pair("q", "a", "b")])
     with pytest.raises(DataError, match="only '#' option is '#rankings'"):
-        preference.load_groups(f"jsonl:{path}#chosen")
+        preference_records.load_groups(f"jsonl:{path}#chosen")
     with pytest.raises(DataError, match="expected jsonl:GLOB"):
-        preference.load_groups(f"text:{path}")
+        preference_records.load_groups(f"text:{path}")
     with pytest.raises(DataError, match="matches no files"):
-        preference.load_groups(f"jsonl:{tmp_path}/none*.jsonl")
+        preference_records.load_groups(f"jsonl:{tmp_path}/none*.jsonl")
     with pytest.raises(DataError, match=f"{path}:1: #rankings needs 'meta'"):
-        preference.load_groups(f"jsonl:{path}#rankings")
+        preference_records.load_groups(f"jsonl:{path}#rankings")
 
 
 def test_counted_skips_and_flagged_records(tmp_path):
@@ -165,8 +165,8 @@ def test_counted_skips_and_flagged_records(tmp_path):
          "rejected": "\n\nHuman: q\n\nAssistant: x\n\nAssistant: y\n\nHuman: r\n\nAssistant: d",
          "flags": ["repeated_role_in_prompt"]},  # kept, turns merged
     ]  # fmt: skip
-    stats = preference.PreferenceStats()
-    groups = preference.load_groups(f"jsonl:{write_jsonl(tmp_path / 's.jsonl', records)}",
+    stats = preference_records.PreferenceStats()
+    groups = preference_records.load_groups(f"jsonl:{write_jsonl(tmp_path / 's.jsonl', records)}",
                                     stats=stats)  # fmt: skip
     assert (stats.skipped_identical, stats.skipped_empty_prompt) == (2, 2)
     assert (stats.skipped_no_ordered_pair, stats.groups) == (2, 2)
@@ -228,7 +228,7 @@ def test_truncation_by_hand(tok, tmp_path, caplog):
         pair("q", "a", "b"),  # 7 tokens
     ]
     path = write_jsonl(tmp_path / "t.jsonl", records)
-    (spec,) = preference.parse_preference_sources(f"jsonl:{path}")
+    (spec,) = preference_records.parse_preference_sources(f"jsonl:{path}")
     groups = preference.source_groups(spec, template)
     prompt = template.prompt([user("abcdefgh")])
     assert len(prompt) == 12 and np.diff(groups.response_starts).tolist()[:2] == [3, 6]
@@ -271,7 +271,7 @@ def test_epochs_determinism_and_random_access(tok, tmp_path):
             np.testing.assert_array_equal(a[s][k], b[s][k])
     assert any(not np.array_equal(a[s]["inputs"], c[s]["inputs"]) for s in range(8))
     template = chat.ChatTemplate(tok)
-    (spec,) = preference.parse_preference_sources(f"jsonl:{path}")
+    (spec,) = preference_records.parse_preference_sources(f"jsonl:{path}")
     groups = preference.source_groups(spec, template)
     ds = preference.PreferenceGroups([groups], [preference.fit_groups(groups, 32, "keep_end", 2)],
                                      32, 2, seed=0)  # fmt: skip
@@ -418,13 +418,13 @@ def test_shared_hh_split_reproduces_the_bundle(shared_data, tmp_path):
         records = read(base / f"{split}.jsonl")
         for r in records:
             for key in ("chosen_text", "rejected_text"):
-                assert hh_render(preference.hh_split(r[key])) == r[key], r["id"]
-            got = preference.hh_pair(r["chosen_text"], r["rejected_text"])
+                assert hh_render(preference_records.hh_split(r[key])) == r[key], r["id"]
+            got = preference_records.hh_pair(r["chosen_text"], r["rejected_text"])
             assert got == (r["prompt"], r["chosen"], r["rejected"]), r["id"]
         # The raw transcripts alone load to the same groups as the messages.
         raw = [{"chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in records]
         raw_path = write_jsonl(tmp_path / f"{split}.jsonl", raw)
-        assert preference.load_groups(f"jsonl:{raw_path}") == preference.load_groups(
+        assert preference_records.load_groups(f"jsonl:{raw_path}") == preference_records.load_groups(
             f"jsonl:{base}/{split}.jsonl"
         )
     assert sum("flags" in r for s in ("train", "test") for r in read(base / f"{s}.jsonl")) == 4
@@ -438,7 +438,7 @@ def test_shared_oasst_rankings_rebuild(shared_data):
     }
     for split, expected in sizes.items():
         records = read(base / f"{split}.jsonl")
-        rankings = preference.build_rankings(records)
+        rankings = preference_records.build_rankings(records)
         assert collections.Counter(len(r["ranks"]) for r in rankings) == expected
         # Each group of k replies yields k(k-1)/2 pairs, and every pair is in some group.
         assert sum(k * (k - 1) // 2 * n for k, n in expected.items()) == len(records)
@@ -453,7 +453,7 @@ def test_shared_oasst_rankings_rebuild(shared_data):
             )
             assert g1 == g2 and better == m["rank_chosen"] < worse == m["rank_rejected"]
             assert (chosen, rejected) == (r["chosen"], r["rejected"])
-        groups = preference.load_groups(f"jsonl:{base}/{split}.jsonl#rankings")
+        groups = preference_records.load_groups(f"jsonl:{base}/{split}.jsonl#rankings")
         assert [g["ranks"] for g in groups] == [r["ranks"] for r in rankings]
         assert all(g["ranks"] == sorted(g["ranks"]) for g in groups)
 
@@ -473,7 +473,7 @@ def test_shared_preference_sets_load_without_errors(shared_data, tmp_path):
     report = {}
     for name, spec in specs.items():
         for split in ("train", "test"):
-            (source,) = preference.parse_preference_sources(spec.format(data_root=shared_data,
+            (source,) = preference_records.parse_preference_sources(spec.format(data_root=shared_data,
                                                                         split=split))
             groups = preference.source_groups(source, template)
             K = 9 if name.endswith("#rankings") else 2
