@@ -259,6 +259,15 @@ def parse_preference_sources(spec: str, data_root: str = "") -> list[SourceSpec]
 
 
 def read_source(spec: SourceSpec, stats: PreferenceStats) -> list[dict]:
+    """The normalized groups of one `jsonl:GLOB[#rankings]` source, in file and line order.
+
+    Every record is one group; with `#rankings` OpenAssistant pair records are rebuilt into
+    ranking groups first (`build_rankings`). `stats` is updated in place (files, records, formats,
+    skips).
+
+    Raises:
+      DataError: a glob matching nothing, an empty file, or a bad record (naming `file:line`).
+    """
     counts: collections.Counter = collections.Counter()
     records, wheres = [], []
     for path in sources.resolve_files(spec):
