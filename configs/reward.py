@@ -6,8 +6,10 @@ ARG is one of:
 - `tiny` (default): pairs from the stdlib task set (the real function body is preferred over
   the body of a different function), after `configs/sft.py:tiny` in `runs/tiny`.
     jaxllm reward --config configs/reward.py:tiny
-- `real`: `DATA_ROOT/preference/{hh_rlhf_harmless_base, oasst_en100_rankings,
-  gsm8k_model_solutions}` train splits; held-out accuracy on each test split.
+- `real`: one reward model on `DATA_ROOT/preference/{hh_rlhf_harmless_base, oasst_en100_rankings,
+  gsm8k_model_solutions}` train splits mixed 2:1:1 (HH-harmless weighted up: it prefers the
+  shorter answer where the other two prefer the longer one; 400 steps x 8 pairs, lr 1e-4);
+  held-out accuracy on each test split.
     jaxllm reward --config configs/reward.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
 - `real_rankings`: the same with OASST's human rankings as K-wise groups (InstructGPT's loss).
 - `real_safety` / `real_helpful`: Llama-2's two reward models (Touvron et al. 2023, section
@@ -35,11 +37,12 @@ def get_config(arg: str = "tiny"):
         c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=15)
     elif arg in ("real", "real_rankings"):
         c.run_dir = "runs/shared"
-        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl" for name in REAL_SETS)
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl@{weight}"
+                                  for name, weight in zip(REAL_SETS, (2, 1, 1)))
         c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
         c.data.seq_len = 512
-        c.train.update(steps=200, batch_size=16, eval_every=100, log_every=20, eval_at_start=True)
-        c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=30)
+        c.train.update(steps=400, batch_size=8, eval_every=200, log_every=20, eval_at_start=True)
+        c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=30)
         if arg == "real_rankings":
             c.data.max_responses = 9
             c.data.sources = c.data.sources.replace("oasst_en100_rankings/train.jsonl",
