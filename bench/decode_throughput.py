@@ -20,17 +20,17 @@ import datetime
 import functools
 import os
 import platform
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import best_seconds
 
-from jaxllm import sampling  # noqa: E402
-from jaxllm.models import llama  # noqa: E402
+from jaxllm import sampling
+from jaxllm.models import llama
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "new_tokens"))
@@ -51,15 +51,10 @@ def recompute_greedy(model_config, params, tokens, *, new_tokens):
     return jax.lax.fori_loop(0, new_tokens, body, buf)[:, prompt_len:]
 
 
-def best_seconds(fn, repeats: int) -> tuple[float, np.ndarray]:
-    """Compiles with one call, then returns the fastest of `repeats` timed calls and the output."""
-    out = np.asarray(jax.block_until_ready(fn()))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = np.asarray(jax.block_until_ready(fn()))
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
+    """`(best seconds of `repeats` calls after a warm-up call, the output)` of a JAX function."""
+    seconds = best_seconds(lambda: jax.block_until_ready(fn()), repeats)
+    return seconds, np.asarray(fn())
 
 
 def main() -> None:
@@ -87,10 +82,10 @@ def main() -> None:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         tokens = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)
         lengths = np.full((batch,), args.prompt_len, np.int32)
-        cached_s, cached = best_seconds(lambda: sampling.sample(
+        cached_s, cached = timed(lambda: sampling.sample(
             cfg, params, tokens, lengths, jax.random.key(0), max_new_tokens=args.new_tokens,
             temperature=0.0).tokens, args.repeats)
-        full_s, full = best_seconds(
+        full_s, full = timed(
             lambda: recompute_greedy(cfg, params, jnp.asarray(tokens), new_tokens=args.new_tokens), args.repeats)
         generated = batch * args.new_tokens
         print(f"{batch:>5} {generated / cached_s:>15.1f} {generated / full_s:>16.1f} {full_s / cached_s:>6.1f}x  "

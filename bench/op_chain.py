@@ -8,7 +8,7 @@ forward + backward, once as one `jax.jit` function and once in eager torch, on t
 arrays, in this one invocation. A ratio above 1 means XLA:CPU itself is slower at these shapes,
 whatever the model code around it does.
 
-Timing: best of 5 rounds of `--iters` calls after a warm-up call, per layer.
+Timing: best of 5 rounds of `--iters` calls after a warm-up call (`bench/timing.py`), per layer.
 
     python bench/op_chain.py [--layers 8] [--iters 50]
 
@@ -19,27 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_seconds
 
 TOKENS, WIDTH, HIDDEN = 768, 128, 352
 
-
-def best_seconds(fn, iters: int, rounds: int = 5) -> float:
-    """Best mean seconds per call of `fn` over `rounds` rounds of `iters` calls, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        times.append((time.perf_counter() - start) / iters)
-    return min(times)
 
 
 def jax_chain(x, up_gate, down):
@@ -65,8 +54,8 @@ def main() -> None:
     x, up, down = jnp.asarray(x_np), [jnp.asarray(w) for w in up_np], [jnp.asarray(w) for w in down_np]
     fwd = jax.jit(jax_chain)
     grad = jax.jit(jax.grad(lambda x, up, down: jnp.sum(jax_chain(x, up, down) ** 2), argnums=(0, 1, 2)))
-    jax_fwd = best_seconds(lambda: fwd(x, up, down).block_until_ready(), args.iters)
-    jax_bwd = best_seconds(lambda: jax.block_until_ready(grad(x, up, down)), args.iters)
+    jax_fwd = best_seconds(lambda: fwd(x, up, down).block_until_ready(), iters=args.iters)
+    jax_bwd = best_seconds(lambda: jax.block_until_ready(grad(x, up, down)), iters=args.iters)
 
     torch.manual_seed(0)
     tx = torch.from_numpy(x_np)
@@ -87,8 +76,8 @@ def main() -> None:
         xg = tx.clone().requires_grad_()
         (torch_chain(xg) ** 2).sum().backward()
 
-    torch_fwd_s = best_seconds(torch_fwd, args.iters)
-    torch_bwd_s = best_seconds(torch_bwd, args.iters)
+    torch_fwd_s = best_seconds(torch_fwd, iters=args.iters)
+    torch_bwd_s = best_seconds(torch_bwd, iters=args.iters)
 
     # Same math check, so the two timings are of the same computation.
     out_jax = np.asarray(fwd(x, up, down))

@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from timing import best_seconds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,18 +39,9 @@ def matmul_peaks(size: int = 2048) -> dict[str, float]:
     a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     out = {}
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return flops / min(times)
-
-    out["numpy"] = best(lambda: a @ a)
+    out["numpy"] = flops / best_seconds(lambda: a @ a)
     ta = torch.from_numpy(a)
-    out["torch"] = best(lambda: ta @ ta)
+    out["torch"] = flops / best_seconds(lambda: ta @ ta)
     code = ("import jax, jax.numpy as jnp, time; a = jnp.ones((%d, %d), jnp.float32); f = jax.jit(lambda x: x @ x);"
             "f(a).block_until_ready(); ts = []\n"
             "for _ in range(5):\n t = time.perf_counter(); f(a).block_until_ready(); ts.append(time.perf_counter() - t)\n"

@@ -34,6 +34,7 @@ import sys
 import time
 
 import numpy as np
+from timing import best_seconds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,17 +46,6 @@ MODELS = {
 }
 LR, BETAS, WEIGHT_DECAY, CLIP, NORM_EPS, ROPE_THETA = 1e-3, (0.9, 0.95), 0.1, 1.0, 1e-5, 10000.0
 PEAK_SIZE = 2048
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    """Fastest of `repeats` timed calls of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def numpy_peak() -> float:
