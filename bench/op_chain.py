@@ -30,7 +30,6 @@ from timing import best_seconds
 TOKENS, WIDTH, HIDDEN = 768, 128, 352
 
 
-
 def jax_chain(x, up_gate, down):
     """`layers` residual SwiGLU sub-layers: x + (silu(x W_g) * x W_u) W_d; x `[tokens, width]`."""
     for w, v in zip(up_gate, down):

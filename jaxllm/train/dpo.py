@@ -81,7 +81,7 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
 
 def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, rules, path: pathlib.Path,
                     needed: np.ndarray | None = None) -> np.ndarray:
-    """Reference log-probs `[num_groups, K]` float32 of the groups `needed`, cached at `path`.
+    """Reference log-probs `[num_groups, 2]` float32 (DPO groups are pairs) of the groups `needed`, cached at `path`.
 
     `make_data(positions)` gives the finite preference dataset of those kept-group positions (in
     order); `needed` None means every group. Groups not computed hold NaN. A cached table is
