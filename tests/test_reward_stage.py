@@ -5,6 +5,8 @@
 - One step of the reward stage (in-process, one device) on random SFT params: its logged `loss`,
   `accuracy`, `margin` and mean rewards equal a float64 recomputation from the scalar head read at
   each sequence's last token of the same first batch.
+- Packed rows (several groups per row): the same rewards, DPO log-probs and reward loss sums as
+  one group per row.
 - DPO at step 0: the policy is the reference, so every log-ratio is 0, the sigmoid loss is log 2
   and the implicit rewards and margins are 0 (through the reference table and the loss fn).
 """
@@ -167,26 +169,69 @@ def test_preference_batches_put_the_last_token_at_lengths_minus_one(run):
         assert (batch["inputs"].reshape(8, -1)[np.arange(8), last] == template.end_id).all()
 
 
+def test_packed_batches_give_the_unpacked_rewards_logps_and_losses(run):
+    """Packed rows (`data.groups_per_row`) score every group as its own unpacked row does."""
+    root, tok, model_config, sft_params, path = run
+    config = stage_config(reward, root, path)
+    view = preference.preference_groups(config.data, tok, split="train", seed=0).view()
+    n = view.num_groups
+    plain = preference.batch_groups(view, global_batch_size=n)[0]
+    packed_data = preference.batch_groups(view, global_batch_size=2, groups_per_row=4)
+    packed = [packed_data[s] for s in range(len(packed_data))]
+    rm_params = nn.unbox(reward.init_scalar_params(model_config, jax.random.key(1)))
+    rm_params = {**{k: v for k, v in sft_params.items() if k != "lm_head"}, "score_head": rm_params["score_head"]}
+    rewards = jax.jit(lambda p, b: reward.group_rewards(model_config, p, b))
+    logps = jax.jit(lambda p, b: dpo.group_logps(model_config, p, b))
+    want_r, want_l = np.asarray(rewards(rm_params, plain)), np.asarray(logps(sft_params, plain))
+    assert np.ptp(want_r) > 1e-3 and (want_l < -1.0).all()  # distinct values, so a mix-up shows
+    got_r, got_l, seen = np.full_like(want_r, np.nan), np.full_like(want_l, np.nan), []
+    for batch in packed:
+        groups = preference.flat_groups(batch)
+        used = groups["response_mask"].any(axis=1)
+        index = groups["group_index"][used]
+        got_r[index] = np.asarray(rewards(rm_params, batch))[used]
+        got_l[index] = np.asarray(logps(sft_params, batch))[used]
+        seen += index.tolist()
+    rows = sum(int(b["segment_ids"].any(axis=(1, 2)).sum()) for b in packed)
+    assert sorted(seen) == list(range(n)) and rows < n
+    np.testing.assert_allclose(got_r, want_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5, atol=1e-5)
+
+    # The reward loss fn over the packed batches sums to its value over the unpacked batch.
+    loss_fn = jax.jit(reward.reward_loss_fn(model_config, 2, center_coef=0.1))
+    want_sum, want = loss_fn(rm_params, plain, None)
+    parts = [loss_fn(rm_params, batch, None) for batch in packed]
+    np.testing.assert_allclose(sum(float(p[0]) for p in parts), float(want_sum), rtol=1e-5)
+    for key in ("count", "correct", "margin"):
+        np.testing.assert_allclose(sum(float(p[1][key]) for p in parts), float(want[key]), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # DPO at step 0
 # ---------------------------------------------------------------------------------------------
 
 
-def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path):
+@pytest.mark.parametrize("groups_per_row", [1, 4])
+def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path, groups_per_row):
     root, tok, model_config, sft_params, path = run
     config = stage_config(dpo, root, path)
     mesh, rules = one_device_mesh(config), config.mesh.rules
     common = dict(seed=config.seed, cache_dir=str(tmp_path / "cache"))
     groups = preference.preference_groups(config.data, tok, split="train", **common)
+    layout = dict(global_batch_size=4, groups_per_row=groups_per_row)
     table = dpo.reference_table(model_config, sft_params,
-                                lambda only: preference.batch_groups(groups.view(only), global_batch_size=4),
-                                groups.num_groups, mesh, rules, tmp_path / "ref.npy", needed=groups.visited(4))
-    data = dpo.with_reference(preference.batch_groups(groups, global_batch_size=4), table)
+                                lambda only: preference.batch_groups(groups.view(only), **layout),
+                                groups.num_groups, mesh, rules, tmp_path / "ref.npy",
+                                needed=preference.visited_groups(groups, 8, groups_per_row))
+    data = dpo.with_reference(preference.batch_groups(groups, **layout), table)
+    for s in range(2):  # the 8 rows the table was made for find their reference values
+        reference = preference.flat_groups(data[s])
+        assert np.isfinite(reference["ref_logps"][reference["response_mask"].any(axis=1)]).all()
     loss_fn = jax.jit(dpo.dpo_loss_fn(model_config, config.dpo))
     with sharding.activate(mesh, rules):
         loss_sum, sums = loss_fn(sft_params, sharding.global_batch(data[0], mesh, rules), None)
     count = float(sums["count"])
-    assert count == 4
+    assert count == preference.flat_groups(data[0])["response_mask"].all(axis=1).sum() >= 4
     logps = float(sums["logps/chosen"]) / count
     assert logps < -1.0  # real sequence log-probs, so a zero log-ratio is not trivial
     np.testing.assert_allclose(float(loss_sum) / count, math.log(2.0), rtol=1e-6)

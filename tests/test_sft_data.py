@@ -11,7 +11,7 @@ import grain
 import numpy as np
 import pytest
 
-from jaxllm.data import chat, lm, sft, tokenizer
+from jaxllm.data import chat, lm, packing, sft, tokenizer
 from jaxllm.data.sources import DataError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?<|>/\n0123456789"
@@ -250,11 +250,11 @@ def test_packed_loss_masks_equal_unpacked_example_by_example(tok, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def first_fit_reference(lengths, capacity):
+def first_fit_reference(lengths, capacity, max_items=None):
     rows = []  # [free, [items]]
     for j, n in enumerate(lengths):
         for row in rows:
-            if row[0] >= n:
+            if row[0] >= n and (max_items is None or len(row[1]) < max_items):
                 row[0] -= n
                 row[1].append(j)
                 break
@@ -264,16 +264,23 @@ def first_fit_reference(lengths, capacity):
 
 
 def test_pack_first_fit_by_hand_and_against_a_reference():
-    row_starts, members = sft.pack_first_fit([5, 4, 3, 2, 1], 6)
+    row_starts, members = packing.pack_first_fit([5, 4, 3, 2, 1], 6)
     assert row_starts.tolist() == [0, 2, 4, 5] and members.tolist() == [0, 4, 1, 3, 2]
     rng = random.Random(3)
     for _ in range(20):
         lengths = [rng.randint(1, 17) for _ in range(rng.randint(1, 60))]
-        row_starts, members = sft.pack_first_fit(lengths, 17)
+        row_starts, members = packing.pack_first_fit(lengths, 17)
         got = [members[a:b].tolist() for a, b in zip(row_starts, row_starts[1:])]
         assert got == first_fit_reference(lengths, 17)
+        row_starts, members = packing.pack_first_fit(lengths, 17, max_items=3)
+        got = [members[a:b].tolist() for a, b in zip(row_starts, row_starts[1:])]
+        assert got == first_fit_reference(lengths, 17, max_items=3) and max(map(len, got)) <= 3
+    # max_items: [2, 2, 2] fits one row of 6 by length, but two items at most per row.
+    assert packing.pack_first_fit([2, 2, 2], 6, max_items=2)[0].tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="lengths"):
-        sft.pack_first_fit([3, 18], 17)
+        packing.pack_first_fit([3, 18], 17)
+    with pytest.raises(ValueError, match="max_items"):
+        packing.pack_first_fit([3], 17, max_items=0)
 
 
 def test_every_example_once_per_epoch_and_never_split(tok, tmp_path):
@@ -459,7 +466,7 @@ def test_eval_is_finite_in_order_and_padded(tok, tmp_path):
     path = write_convs(tmp_path / "v.jsonl", convs)
     template = chat.ChatTemplate(tok)
     lengths = [len(template.render(c)[0]) for c in convs]
-    row_starts, members = sft.pack_first_fit(lengths, 65)
+    row_starts, members = packing.pack_first_fit(lengths, 65)
     num_rows = len(row_starts) - 1
     ds = build(data_config(eval_sources=f"jsonl:{path}", seq_len=64), tok, split="eval", batch=4)
     assert lm.num_eval_batches(ds) == len(ds) == -(-num_rows // 4)

@@ -29,6 +29,15 @@ Records and sources (point 1, 2) are `jaxllm.data.preference_records`.
    `group_index` `[b]` int32, the group's position among the kept groups of the source set (the
    same in the train and eval views of the same sources; DPO keys its cached reference log-probs
    by it).
+7. **Packed rows** (`data.groups_per_row = S > 1`; TRL's `padding_free`, OpenRLHF's
+   `--packing_samples`). The element order of point 5 is packed first-fit (`packing`) into rows,
+   a group's footprint being its longest sequence, at most `S` groups per row: slot `k` of a row
+   holds response `k` of each of its groups one after another, group `j` as segment `j + 1`
+   (positions restart at 0; no target crosses a segment, so attention and scores stay within one
+   sequence). Token fields stay `[b, K, L]`; the per-response fields `lengths`, `ranks`,
+   `response_mask` become `[b, S, K]` and the per-group `margin`, `has_margin`, `group_index`
+   `[b, S]` (unused segments zero). `train.batch_size` then counts rows. `flat_groups` gives
+   either layout's group fields as `[G, K]` / `[G]`.
 """
 
 from __future__ import annotations
@@ -49,13 +58,15 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxllm.data import chat, lm, preference_records, sft, sources
+from jaxllm.data import chat, lm, packing, preference_records, sft, sources
 from jaxllm.data.preference_records import PreferenceStats, parse_preference_sources
 from jaxllm.data.sources import DataError, SourceSpec
 
 logger = logging.getLogger(__name__)
 
 TRUNCATIONS = ("drop", "keep_end")
+RESPONSE_FIELDS = ("lengths", "ranks", "response_mask", "ref_logps")  # [b, K]; packed [b, S, K]
+GROUP_FIELDS = RESPONSE_FIELDS + ("margin", "has_margin", "group_index")  # these [b]; packed [b, S]
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 _CACHED_EPOCHS = 16  # epoch orders kept in memory (all datasets of the process)
 
@@ -75,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seq_len = 512  # tokens per response sequence (every token is an input)
     c.max_responses = 2  # K: response slots per group (2 = pairs; InstructGPT used K = 4..9)
     c.truncation = "keep_end"  # over-long groups: "drop" | "keep_end" (cut the prompt's start)
+    c.groups_per_row = 1  # > 1: pack up to this many groups into each row (point 7); batch = rows
     c.cache_dir = ""  # "" = no render cache; stages pass lm.resolve_cache_dir(...)
     return c
 
@@ -297,38 +309,129 @@ class PreferenceGroups(grain.MapDataset):
         e, j = divmod(int(index), self.epoch_length)
         return self.row(int(self.epoch(e)[j]))
 
-    def row(self, k: int) -> dict[str, np.ndarray]:
-        """Kept group `k` (in `ids` order) as a dict of `[K, L]`, `[K]` and `[]` arrays."""
-        g, cut = int(self._ids[k]), int(self._cuts[k])
-        K, L, G = self.max_responses, self.seq_len, self._parts[self._part[k]]
+    def finite_order(self) -> np.ndarray:
+        """`[n]` int64 kept-group positions the finite view reads, in order."""
+        return np.arange(len(self._ids), dtype=np.int64) if self._only is None else self._only
+
+    def footprints(self) -> np.ndarray:
+        """`[num_groups]` int64 tokens of each kept group's longest sequence (after its cut)."""
+        out = np.zeros(len(self._ids), np.int64)
+        for k, (part, g, cut) in enumerate(zip(self._part, self._ids, self._cuts)):
+            G = self._parts[part]
+            a, b = G.group_starts[g], G.group_starts[g + 1]
+            prompt = G.prompt_starts[g + 1] - G.prompt_starts[g] - cut
+            out[k] = prompt + np.diff(G.response_starts[a : b + 1]).max()
+        return out
+
+    def sequences(self, k: int) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], float]:
+        """Kept group `k`'s responses as `(tokens, scored, rank)`, `tokens` the cut prompt followed
+        by the response and `scored` 1.0 on its scored tokens; and its margin (NaN when absent)."""
+        g, cut, G = int(self._ids[k]), int(self._cuts[k]), self._parts[self._part[k]]
+        prompt = G.prompt_tokens[G.prompt_starts[g] : G.prompt_starts[g + 1]]
+        prompt = np.concatenate([prompt[:1], prompt[1 + cut :]])
+        out = []
+        for s in range(G.group_starts[g], G.group_starts[g + 1]):
+            a, b = G.response_starts[s], G.response_starts[s + 1]
+            scored = np.concatenate([np.zeros(len(prompt), np.float32), G.target_mask[a:b]])
+            out.append((np.concatenate([prompt, G.response_tokens[a:b]]), scored, int(G.ranks[s])))
+        return out, float(G.margins[g])
+
+    def rows(self, ids: Sequence[int], groups_per_row: int) -> dict[str, np.ndarray]:
+        """Kept groups `ids` packed into one row: `[K, L]` token fields, `[S, K]` and `[S]` group
+        fields (module docstring, point 7; `S = groups_per_row >= len(ids)`).
+
+        Raises:
+          DataError: the groups' sequences do not fit one row.
+        """
+        K, L, S = self.max_responses, self.seq_len, int(groups_per_row)
         out = {key: np.zeros((K, L), np.int32)
                for key in ("inputs", "targets", "positions", "segment_ids")}  # fmt: skip
         out["loss_mask"] = np.zeros((K, L), np.float32)
-        out["lengths"], out["ranks"] = np.zeros(K, np.int32), np.zeros(K, np.int32)
-        out["response_mask"] = np.zeros(K, np.float32)
-        prompt = G.prompt_tokens[G.prompt_starts[g] : G.prompt_starts[g + 1]]
-        prompt = np.concatenate([prompt[:1], prompt[1 + cut :]])
-        for slot, s in enumerate(range(G.group_starts[g], G.group_starts[g + 1])):
-            a, b = G.response_starts[s], G.response_starts[s + 1]
-            tokens = np.concatenate([prompt, G.response_tokens[a:b]])
-            scored = np.concatenate([np.zeros(len(prompt), np.float32), G.target_mask[a:b]])
-            n = len(tokens)
-            out["inputs"][slot, :n] = tokens
-            out["targets"][slot, : n - 1] = tokens[1:]
-            out["positions"][slot, :n] = np.arange(n)
-            out["segment_ids"][slot, :n] = 1
-            out["loss_mask"][slot, : n - 1] = scored[1:]
-            out["lengths"][slot], out["ranks"][slot] = n, G.ranks[s]
-            out["response_mask"][slot] = 1.0
-        out["group_index"] = np.asarray(k, np.int32)  # stable id of the group within this source set
-        margin = float(G.margins[g])
-        out["has_margin"] = np.asarray(not math.isnan(margin), np.float32)
-        out["margin"] = np.asarray(0.0 if math.isnan(margin) else margin, np.float32)
+        out["lengths"], out["ranks"] = np.zeros((S, K), np.int32), np.zeros((S, K), np.int32)
+        out["response_mask"] = np.zeros((S, K), np.float32)
+        out["group_index"] = np.zeros(S, np.int32)
+        out["has_margin"], out["margin"] = np.zeros(S, np.float32), np.zeros(S, np.float32)
+        offsets = np.zeros(K, np.int64)
+        for j, k in enumerate(ids):
+            seqs, margin = self.sequences(int(k))
+            for slot, (tokens, scored, rank) in enumerate(seqs):
+                o, n = int(offsets[slot]), len(tokens)
+                if o + n > L:
+                    raise DataError(f"preference groups {list(ids)} do not fit one row of {L} tokens")
+                out["inputs"][slot, o : o + n] = tokens
+                out["targets"][slot, o : o + n - 1] = tokens[1:]
+                out["positions"][slot, o : o + n] = np.arange(n)
+                out["segment_ids"][slot, o : o + n] = j + 1
+                out["loss_mask"][slot, o : o + n - 1] = scored[1:]
+                out["lengths"][j, slot], out["ranks"][j, slot] = n, rank
+                out["response_mask"][j, slot] = 1.0
+                offsets[slot] += n
+            out["group_index"][j] = k  # stable id of the group within this source set
+            out["has_margin"][j] = not math.isnan(margin)
+            out["margin"][j] = 0.0 if math.isnan(margin) else margin
         return out
+
+    def row(self, k: int) -> dict[str, np.ndarray]:
+        """Kept group `k` (in `ids` order) as a dict of `[K, L]`, `[K]` and `[]` arrays."""
+        return {key: v[0] if key in GROUP_FIELDS else v for key, v in self.rows([k], 1).items()}
 
     def __str__(self) -> str:
         return (f"PreferenceGroups(groups={len(self._ids)}, seq_len={self.seq_len}, "
                 f"K={self.max_responses}, seed={self._seed}, weights={self._weights})")  # fmt: skip
+
+
+class PackedPreferenceGroups(packing.PackedRows):
+    """`groups` packed first-fit, at most `groups_per_row` per row (module docstring, point 7):
+    infinite when `groups` is (its epochs packed one by one), else its finite view packed once."""
+
+    def __init__(self, groups: PreferenceGroups, groups_per_row: int):
+        """Raises: DataError: `groups_per_row < 1`."""
+        if groups_per_row < 1:
+            raise DataError(f"data.groups_per_row={groups_per_row} < 1")
+        self.groups, self.groups_per_row = groups, int(groups_per_row)
+        super().__init__(groups.footprints(), groups.seq_len, infinite=len(groups) == sys.maxsize,
+                         max_items=self.groups_per_row)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return self.groups.epoch(epoch)
+
+    def eval_order(self) -> np.ndarray:
+        return self.groups.finite_order()
+
+    def materialize(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self.groups.rows(ids, self.groups_per_row)
+
+    def __str__(self) -> str:
+        return f"PackedPreferenceGroups({self.groups}, groups_per_row={self.groups_per_row})"
+
+
+def visited_groups(groups: PreferenceGroups, num_rows: int, groups_per_row: int = 1) -> np.ndarray:
+    """Sorted kept-group positions that train rows `0 .. num_rows - 1` read, one group per row or
+    packed `groups_per_row` to a row (DPO computes reference log-probs for exactly these)."""
+    if groups_per_row == 1:
+        return groups.visited(num_rows)
+    return PackedPreferenceGroups(groups, groups_per_row).visited(num_rows)
+
+
+def flat_groups(batch: dict) -> dict:
+    """The group fields of a batch of either layout (module docstring, points 6 and 7) with the
+    groups on one axis: `[G, K]` for `RESPONSE_FIELDS`, `[G]` for the others; `G = b`, or `b * S`
+    for packed rows. Works on NumPy and JAX arrays; fields a batch lacks are left out."""
+    packed = batch["response_mask"].ndim == 3
+    out = {}
+    for key in GROUP_FIELDS:
+        if key in batch:
+            x = batch[key]
+            out[key] = x.reshape(-1, x.shape[-1]) if packed and key in RESPONSE_FIELDS else (
+                x.reshape(-1) if packed else x)
+    return out
+
+
+def segments_to_groups(per_segment, batch_size: int, max_responses: int):
+    """Per-sequence-row, per-segment values `[b * K, S]` (rows `b * K + k`, the flattened token
+    fields of a packed batch) -> per-group `[b * S, K]`, the order of `flat_groups`."""
+    s = per_segment.shape[-1]
+    return per_segment.reshape(batch_size, max_responses, s).transpose(0, 2, 1).reshape(batch_size * s, max_responses)
 
 
 def preference_groups(
@@ -348,6 +451,7 @@ def preference_groups(
         truncation not in TRUNCATIONS and f"data.truncation={truncation!r} ({TRUNCATIONS})",
         seq_len < 1 and f"data.seq_len={seq_len} < 1",
         max_responses < 2 and f"data.max_responses={max_responses} < 2",
+        int(data_config.groups_per_row) < 1 and f"data.groups_per_row={data_config.groups_per_row} < 1",
     ]  # fmt: skip
     if any(problems):
         raise DataError("preference_dataset: bad " + "; ".join(p for p in problems if p))
@@ -369,17 +473,20 @@ def preference_groups(
     return PreferenceGroups(parts, fitted, seq_len, max_responses, seed=seed, weights=weights)
 
 
-def batch_groups(groups: PreferenceGroups, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:  # fmt: skip
-    """This process's slices of the global batches of `groups` (a finite view is zero-padded to
-    whole batches; see `preference_dataset`).
+def batch_groups(groups: PreferenceGroups, *, global_batch_size: int, groups_per_row: int = 1,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:  # fmt: skip
+    """This process's slices of the global batches of `groups`, one group per row or packed
+    `groups_per_row` to a row (point 7; a finite view is zero-padded to whole batches; see
+    `preference_dataset`).
 
     Raises:
-      DataError: a bad batch layout.
+      DataError: a bad batch layout or `groups_per_row < 1`.
     """
     finite = len(groups) < sys.maxsize
     lm.check_batch_layout("preference_dataset", "eval" if finite else "train", global_batch_size,
                           process_index, process_count)  # fmt: skip
+    if groups_per_row != 1:
+        groups = PackedPreferenceGroups(groups, groups_per_row)
     ds = lm._PadToMultiple(groups, global_batch_size) if finite else groups
     local = lm._ProcessSlice(ds, global_batch_size, process_index, process_count)
     return local.batch(global_batch_size // process_count)
@@ -397,7 +504,7 @@ def preference_dataset(
       tokenizer: A `jaxllm.data.tokenizer.Tokenizer` with the role markers.
       split: "train" (`data_config.sources`; infinite, mixed and shuffled by `seed`) or "eval"
         (`data_config.eval_sources`, weights ignored; finite, in order, zero-padded last batch).
-      global_batch_size: Groups per global batch, B.
+      global_batch_size: Rows per global batch, B (a group per row unless `data.groups_per_row > 1`).
       seed: Data-order seed (train).
       cache_dir: Render cache directory; "" = no cache.
       data_root: Replaces `{data_root}` in source specs.
@@ -405,7 +512,8 @@ def preference_dataset(
 
     Returns:
       A `grain.MapDataset` whose element `s` is this process's slice of global batch `s` (module
-      docstring, point 6, with b = B / P); `len()` is `sys.maxsize` for train, else the batches.
+      docstring, point 6, or 7 when packed, with b = B / P); `len()` is `sys.maxsize` for train,
+      else the batches.
 
     Raises:
       DataError: bad sources or records (file:line), a bad split, truncation, max_responses or
@@ -413,5 +521,5 @@ def preference_dataset(
     """
     groups = preference_groups(data_config, tokenizer, split=split, seed=seed, cache_dir=cache_dir,
                                data_root=data_root)
-    return batch_groups(groups, global_batch_size=global_batch_size, process_index=process_index,
-                        process_count=process_count)
+    return batch_groups(groups, global_batch_size=global_batch_size, groups_per_row=int(data_config.groups_per_row),
+                        process_index=process_index, process_count=process_count)

@@ -21,7 +21,7 @@
    repeating until it is exhausted. The epoch's examples are then shuffled (permutation
    `derive_seed(seed, 1, e)`); permutations use `np.random.RandomState`, whose stream NumPy keeps
    fixed across versions (NEP 19).
-5. **Packing** (`pack_first_fit`). In that order each example goes into the first row (in order of
+5. **Packing** (`packing.pack_first_fit`). In that order each example goes into the first row (in order of
    creation) with room for it, or opens a new row; rows hold `seq_len + 1` tokens, an example is
    never split, the tail is padding (token 0, segment 0). Epoch `e` has its own number of rows;
    row `r` of the infinite stream is found through the cumulative row counts, computed lazily epoch
@@ -36,7 +36,6 @@
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import hashlib
@@ -46,8 +45,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
-import threading
 import uuid
 from collections.abc import Sequence
 
@@ -55,7 +52,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxllm.data import chat, lm, sources
+from jaxllm.data import chat, lm, packing, sources
 from jaxllm.data.sources import DataError, SourceSpec
 
 logger = logging.getLogger(__name__)
@@ -63,7 +60,6 @@ logger = logging.getLogger(__name__)
 TRUNCATIONS = ("drop", "keep_start")
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 _PASS_STREAM, _EPOCH_STREAM = 0, 1  # derive_seed streams: per-source passes, epoch shuffles
-_CACHED_PLANS = 4  # epoch plans kept in memory
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -358,44 +354,7 @@ def epoch_examples(
     return ids[_permutation(len(ids), seed, _EPOCH_STREAM, epoch)]
 
 
-def pack_first_fit(
-    lengths: Sequence[int] | np.ndarray, capacity: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Packs items, in the given order, first-fit into rows of `capacity` tokens.
-
-    Item `j` goes into the first existing row (in order of creation) whose free space is at least
-    `lengths[j]`, else into a new row.
-
-    Args:
-      lengths: `[n]` item lengths, each in `[1, capacity]`.
-      capacity: Tokens per row.
-
-    Returns:
-      `(row_starts [num_rows + 1] int64, members [n] int64)`: row `r` holds the items
-      `members[row_starts[r]:row_starts[r+1]]` (indices into `lengths`) in placement order.
-
-    Raises:
-      ValueError: an item longer than `capacity` or shorter than 1.
-    """
-    lengths = np.asarray(lengths, np.int64)
-    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
-        raise ValueError(f"item lengths must be in [1, {capacity}]")
-    free = np.empty(len(lengths), np.int64)
-    rows: list[list[int]] = []
-    for j, n in enumerate(lengths.tolist()):
-        r = int(np.argmax(free[: len(rows)] >= n)) if rows else 0
-        if not rows or free[r] < n:
-            r = len(rows)
-            rows.append([])
-            free[r] = capacity
-        free[r] -= n
-        rows[r].append(j)
-    row_starts = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum([len(r) for r in rows], out=row_starts[1:])
-    return row_starts, np.array([j for r in rows for j in r], np.int64)
-
-
-class PackedExamples(grain.MapDataset):
+class PackedExamples(packing.PackedRows):
     """Rows of packed examples: dicts of `[seq_len + 1]` arrays.
 
     Keys: `tokens`, `segment_ids` (1..k per example in the row, 0 = padding), `positions` (0 at
@@ -426,89 +385,28 @@ class PackedExamples(grain.MapDataset):
         Raises:
           DataError: no examples, an empty epoch, or an example longer than a row.
         """
-        super().__init__()
         self._ex = examples
-        self.seq_len, self._window = int(seq_len), int(seq_len) + 1
-        self._lengths = examples.lengths
+        self.seq_len = int(seq_len)
+        lengths = examples.lengths
         if examples.num_examples == 0:
             raise DataError("no SFT examples (after truncation)")
-        if self._lengths.max() > self._window:
-            raise DataError(f"an example has {self._lengths.max()} tokens > seq_len + 1")
+        if lengths.max() > self.seq_len + 1:
+            raise DataError(f"an example has {lengths.max()} tokens > seq_len + 1")
         self._seed, self._weights = seed, None if weights is None else list(weights)
         self._sizes = list(sizes) if sizes is not None else [examples.num_examples]
         if sum(self._sizes) != examples.num_examples:
             raise DataError(f"source sizes {self._sizes} do not add up to {examples.num_examples}")
-        if seed is None:
-            order = np.arange(examples.num_examples, dtype=np.int64)
-            self._eval_plan = self._pack(order)
-        elif weights is not None and sum(mixture_counts(self._sizes, weights)) == 0:
+        if seed is not None and weights is not None and sum(mixture_counts(self._sizes, weights)) == 0:
             raise DataError(f"mixture sizes {self._sizes} with weights {weights} give no examples")
-        self._init_cache()
+        super().__init__(lengths, self.seq_len + 1, infinite=seed is not None)
 
-    def _init_cache(self) -> None:
-        self._lock = threading.Lock()
-        self._plans: collections.OrderedDict[int, tuple] = collections.OrderedDict()
-        self._epoch_ends: list[int] = []  # cumulative rows at the end of each epoch
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return epoch_examples(self._sizes, self._weights, self._seed, epoch)
 
-    def __getstate__(self):  # for grain's worker processes: locks do not pickle
-        state = dict(self.__dict__)
-        for k in ("_lock", "_plans", "_epoch_ends"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
-
-    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        row_starts, members = pack_first_fit(self._lengths[order], self._window)
-        return row_starts, order[members]
-
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(row_starts [R+1], example_ids [M])` of a train epoch: row r holds the examples
-        `example_ids[row_starts[r]:row_starts[r+1]]` in order."""
-        with self._lock:
-            if epoch in self._plans:
-                self._plans.move_to_end(epoch)
-                return self._plans[epoch]
-        plan = self._pack(epoch_examples(self._sizes, self._weights, self._seed, epoch))
-        with self._lock:
-            self._plans[epoch] = plan
-            while len(self._plans) > _CACHED_PLANS:
-                self._plans.popitem(last=False)
-        return plan
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """`(epoch, row within the epoch)` of stream index `index` (train)."""
-        while not self._epoch_ends or self._epoch_ends[-1] <= index:
-            epoch = len(self._epoch_ends)
-            rows = len(self.epoch_plan(epoch)[0]) - 1
-            with self._lock:
-                if len(self._epoch_ends) == epoch:
-                    self._epoch_ends.append((self._epoch_ends[-1] if epoch else 0) + rows)
-        epoch = bisect.bisect_right(self._epoch_ends, index)
-        return epoch, index - (self._epoch_ends[epoch - 1] if epoch else 0)
-
-    def __len__(self) -> int:
-        return sys.maxsize if self._seed is not None else len(self._eval_plan[0]) - 1
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        if self._seed is None:
-            return self.row(int(index) % len(self))
-        epoch, r = self.locate(int(index))
-        row_starts, ids = self.epoch_plan(epoch)
-        return self._materialize(ids[row_starts[r] : row_starts[r + 1]])
-
-    def row(self, r: int) -> dict[str, np.ndarray]:
-        """Row `r` of the eval packing."""
-        row_starts, ids = self._eval_plan
-        return self._materialize(ids[row_starts[r] : row_starts[r + 1]])
-
-    def _materialize(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        out = {k: np.zeros(self._window, np.int32) for k in ("tokens", "segment_ids", "positions")}
-        out["target_mask"] = np.zeros(self._window, np.float32)
+    def materialize(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        window = self.seq_len + 1
+        out = {k: np.zeros(window, np.int32) for k in ("tokens", "segment_ids", "positions")}
+        out["target_mask"] = np.zeros(window, np.float32)
         p, starts = 0, self._ex.starts
         for k, e in enumerate(ids.tolist(), 1):
             a, b = int(starts[e]), int(starts[e + 1])

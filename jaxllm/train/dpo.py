@@ -3,7 +3,7 @@
 `jaxllm dpo --config configs/dpo.py:ARG` starts the policy from the SFT `params/`; the reference
 is the same SFT model, whose sequence log-probabilities (sum over response tokens) are computed
 once before training for the train groups the run will read (`train.steps x train.batch_size`
-elements of the shuffled train view) and for every eval group, cached in `RUN_DIR/dpo/reference/`,
+rows of the shuffled train view, one group each or packed) and for every eval group, cached in `RUN_DIR/dpo/reference/`,
 and looked up per preference group.
 Losses: sigmoid (with cDPO label smoothing), IPO, hinge (`objectives.dpo_loss`); metrics use
 TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
@@ -16,6 +16,7 @@ import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -49,12 +50,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def group_logps(model_config: llama.LlamaConfig, params, batch) -> jax.Array:
-    """Summed response log-probabilities `[groups, K]` of a preference batch."""
-    groups, k, length = batch["inputs"].shape
-    flat = lambda x: x.reshape(groups * k, length)  # noqa: E731
+    """Summed response log-probabilities `[G, K]` float32 of a preference batch, in the group order
+    of `preference.flat_groups` (`G = b`, or `b * S` for packed rows: summed per segment)."""
+    b, k, length = batch["inputs"].shape
+    flat = lambda x: x.reshape(b * k, length)  # noqa: E731
     logits = llama.apply(model_config, params, flat(batch["inputs"]), flat(batch["positions"]),
                          flat(batch["segment_ids"]))
-    return objectives.sequence_logprobs(logits, flat(batch["targets"]), flat(batch["loss_mask"])).reshape(groups, k)
+    if batch["response_mask"].ndim == 2:
+        return objectives.sequence_logprobs(logits, flat(batch["targets"]), flat(batch["loss_mask"])).reshape(b, k)
+    logps = objectives.token_logprobs(logits, flat(batch["targets"])) * flat(batch["loss_mask"])  # [b*K, L]
+    in_segment = flat(batch["segment_ids"])[..., None] == jnp.arange(1, batch["response_mask"].shape[1] + 1)
+    per_segment = jnp.sum(jnp.where(in_segment, logps[..., None], 0.0), axis=1)  # [b*K, S]
+    return preference.segments_to_groups(per_segment, b, k)
 
 
 def dpo_loss_fn(model_config: llama.LlamaConfig, c: ml_collections.ConfigDict):
@@ -63,8 +70,9 @@ def dpo_loss_fn(model_config: llama.LlamaConfig, c: ml_collections.ConfigDict):
     def loss_fn(params, batch, rng):
         del rng
         logps = group_logps(model_config, params, batch)
-        ref = batch["ref_logps"]
-        pair_mask = batch["response_mask"][:, 0] * batch["response_mask"][:, 1]
+        groups = preference.flat_groups(batch)
+        ref, valid = groups["ref_logps"], groups["response_mask"]
+        pair_mask = valid[:, 0] * valid[:, 1]
         return objectives.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=c.beta,
                                    loss_type=c.loss_type, label_smoothing=c.label_smoothing, pair_mask=pair_mask)
 
@@ -103,8 +111,9 @@ def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, 
         for local in make_data(missing):
             batch = sharding.global_batch(local, mesh, rules)
             logps, index, valid = jax.device_get(forward(ref_params, batch) + (batch["response_mask"],))
-            keep = np.asarray(valid).any(axis=1)  # padding groups of the last batch
-            table[np.asarray(index)[keep]] = np.asarray(logps)[keep]
+            groups = preference.flat_groups({"response_mask": np.asarray(valid), "group_index": np.asarray(index)})
+            keep = groups["response_mask"].any(axis=1)  # padding groups and unused segments
+            table[groups["group_index"][keep]] = np.asarray(logps)[keep]
             count += int(keep.sum())
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +126,17 @@ def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, 
 
 
 def with_reference(data, table: np.ndarray):
-    """Adds `ref_logps` `[b, K]` to each batch of `data` by its `group_index`."""
-    return data.map(lambda batch: {**batch, "ref_logps": table[batch["group_index"]]})
+    """Adds `ref_logps` (`[b, K]`, packed `[b, S, K]`) to each batch of `data` by its `group_index`.
+
+    Padding groups and unused segments (no response) get 0: their `group_index` 0 may name a
+    group whose reference was not computed (NaN), and NaN times a zero mask is still NaN.
+    """
+
+    def add(batch):
+        used = batch["response_mask"].any(axis=-1, keepdims=True)
+        return {**batch, "ref_logps": np.where(used, table[batch["group_index"]], 0.0).astype(np.float32)}
+
+    return data.map(add)
 
 
 def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
@@ -141,16 +159,18 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     ref_params = ckpt_lib.load_params(params_dir, abstract)
     ref_dir = config_lib.stage_dir(config) / "reference"
 
-    # Reference log-probs of the train groups this run reads (steps x batch elements of the
-    # shuffled view), computed once through in-order views with the same group indices.
+    # Reference log-probs of the train groups this run reads (steps x batch rows of the shuffled
+    # view, packed or not), computed once through in-order views with the same group indices.
     def in_order(g):
-        return lambda only: preference.batch_groups(g.view(only), global_batch_size=eval_batch, **layout)
+        return lambda only: preference.batch_groups(g.view(only), global_batch_size=eval_batch,
+                                                    groups_per_row=dc.groups_per_row, **layout)
 
     train_groups = preference.preference_groups(dc, split="train", **sources)
     table = reference_table(model_config, ref_params, in_order(train_groups), train_groups.num_groups, mesh, rules,
-                            ref_dir / "train.npy", needed=train_groups.visited(tc.steps * tc.batch_size))
-    train_data = with_reference(preference.batch_groups(train_groups, global_batch_size=tc.batch_size, **layout),
-                                table)
+                            ref_dir / "train.npy",
+                            needed=preference.visited_groups(train_groups, tc.steps * tc.batch_size, dc.groups_per_row))
+    train_data = with_reference(preference.batch_groups(train_groups, global_batch_size=tc.batch_size,
+                                                        groups_per_row=dc.groups_per_row, **layout), table)
     eval_data = {}
     for spec in filter(None, dc.eval_sources.split(";")):
         one = dc.copy_and_resolve_references()

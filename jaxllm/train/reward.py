@@ -2,11 +2,11 @@
 
 `jaxllm reward --config configs/reward.py:ARG` starts from the SFT `params/` with a `[embed, 1]`
 scalar head instead of the LM head (initialised small), reads the reward at the last real token of
-each sequence (from the sequence lengths, never by looking for a pad id), and trains the
-Bradley-Terry pairwise loss (with Llama-2's margin when records have one and optional reward
-centering) or, for groups of K ranked responses, InstructGPT's K-choose-2 ranking loss. It reports
-held-out `accuracy`, `margin`, `rewards/chosen` and `rewards/rejected` per eval split and writes
-its own `params/`.
+each sequence (from the sequence lengths, or from the segment ids of packed rows; never by looking
+for a pad id), and trains the Bradley-Terry pairwise loss (with Llama-2's margin when records have
+one and optional reward centering) or, for groups of K ranked responses, InstructGPT's K-choose-2
+ranking loss. It reports held-out `accuracy`, `margin`, `rewards/chosen` and `rewards/rejected`
+per eval split and writes its own `params/`.
 """
 
 from __future__ import annotations
@@ -76,12 +76,18 @@ def segment_last_indices(segment_ids: jax.Array, max_segments: int) -> jax.Array
 
 
 def group_rewards(model_config: llama.LlamaConfig, params, batch) -> jax.Array:
-    """Rewards `[groups, K]` of a preference batch (`[groups, K, length]` arrays)."""
-    groups, k, length = batch["inputs"].shape
-    flat = lambda x: x.reshape(groups * k, length)  # noqa: E731
+    """Rewards `[G, K]` float32 of a preference batch (`[b, K, length]` token fields), in the group
+    order of `preference.flat_groups`: `G = b`, read at `lengths - 1`; or, packed (`[b, S, K]`
+    response fields), `G = b * S`, read at the last token of each segment."""
+    b, k, length = batch["inputs"].shape
+    flat = lambda x: x.reshape(b * k, length)  # noqa: E731
     scores = llama.apply(model_config, params, flat(batch["inputs"]), flat(batch["positions"]),
                          flat(batch["segment_ids"]), head="scalar")
-    return sequence_rewards(scores, batch["lengths"].reshape(-1)).reshape(groups, k)
+    if batch["response_mask"].ndim == 2:
+        return sequence_rewards(scores, batch["lengths"].reshape(-1)).reshape(b, k)
+    last = segment_last_indices(flat(batch["segment_ids"]), batch["response_mask"].shape[1])  # [b*K, S]
+    per_segment = jnp.take_along_axis(scores, jnp.maximum(last, 0), axis=1).astype(jnp.float32)
+    return preference.segments_to_groups(per_segment, b, k)  # absent segments: masked by response_mask
 
 
 def reward_loss_fn(model_config: llama.LlamaConfig, max_responses: int, center_coef: float):
@@ -90,19 +96,20 @@ def reward_loss_fn(model_config: llama.LlamaConfig, max_responses: int, center_c
     def loss_fn(params, batch, rng):
         del rng
         rewards = group_rewards(model_config, params, batch)
-        valid = batch["response_mask"]
+        groups = preference.flat_groups(batch)
+        valid, ranks = groups["response_mask"], groups["ranks"]
         if max_responses == 2:
             # Pairs: slot 0 is chosen, slot 1 rejected (the data sorts responses by rank).
             pair_mask = valid[:, 0] * valid[:, 1]
             loss_sum, sums = objectives.pairwise_reward_loss(
-                rewards[:, 0], rewards[:, 1], margin=batch["margin"] * batch["has_margin"],
+                rewards[:, 0], rewards[:, 1], margin=groups["margin"] * groups["has_margin"],
                 pair_mask=pair_mask, center_coef=center_coef)
             sums["pairs"] = sums["count"]
         else:
-            loss_sum, sums = objectives.ranking_reward_loss(rewards, batch["ranks"], valid)
-            best = (batch["ranks"] == 0).astype(jnp.float32) * valid
-            worst = (batch["ranks"] == jnp.max(jnp.where(valid > 0, batch["ranks"], -1), axis=1,
-                                               keepdims=True)).astype(jnp.float32) * valid
+            loss_sum, sums = objectives.ranking_reward_loss(rewards, ranks, valid)
+            best = (ranks == 0).astype(jnp.float32) * valid
+            worst = (ranks == jnp.max(jnp.where(valid > 0, ranks, -1), axis=1,
+                                      keepdims=True)).astype(jnp.float32) * valid
             sums["rewards_chosen"] = jnp.sum(rewards * best) / jnp.maximum(jnp.sum(best), 1.0) * sums["count"]
             sums["rewards_rejected"] = jnp.sum(rewards * worst) / jnp.maximum(jnp.sum(worst), 1.0) * sums["count"]
         return loss_sum, sums
@@ -168,7 +175,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     load_params = None
     if config.init_from:
         load_params = backbone_loader(model_config, sft.source_stage_dir(config) / "params", config.seed)
-    sequences = tc.batch_size * dc.max_responses
+    sequences = tc.batch_size * dc.max_responses  # rows of L tokens, packed or not
     return loop.Stage(
         name=config.stage,
         init_params=lambda rng: init_scalar_params(model_config, rng),
