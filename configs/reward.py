@@ -16,8 +16,13 @@ ARG is one of:
   3.2.2: helpfulness and safety preferences pull against each other, so each gets its own RM).
   Safety: HH-harmless alone (seq 256, 260 steps x 16 pairs = 2 epochs, lr 1e-4). Helpfulness:
   OASST and GSM8K solutions mixed 1:1 (seq 512, 300 steps x 8 pairs, lr 1e-4); it is also
-  evaluated on HH-harmless to show the tension. Measured accuracies: bench/RESULTS.md.
+  evaluated on HH-harmless to show the tension. They write stages `reward_safety` and
+  `reward_helpful` of the run, which `jaxllm score` combines into Llama-2's one reward R_c (the
+  safety score on safety prompts and below probability 0.15, else the helpfulness score):
     jaxllm reward --config configs/reward.py:real_safety --config.data_root=../shared/data --config.run_dir=runs/shared
+    jaxllm reward --config configs/reward.py:real_helpful --config.data_root=../shared/data --config.run_dir=runs/shared
+    jaxllm score --run runs/shared --stage reward_helpful --safety_stage reward_safety --safety_prompts --input ../shared/data/preference/hh_rlhf_harmless_base/test.jsonl
+  (the same without `--safety_prompts` for the OASST and GSM8K test files). Measured: bench/RESULTS.md.
 """
 
 from jaxllm.train import reward
@@ -49,6 +54,7 @@ def get_config(arg: str = "tiny"):
                                                     "oasst_en100_rankings/train.jsonl#rankings")
     elif arg == "real_safety":
         c.run_dir = "runs/shared"
+        c.stage = "reward_safety"
         c.data.sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/train.jsonl"
         c.data.eval_sources = "jsonl:{data_root}/preference/hh_rlhf_harmless_base/test.jsonl"
         c.data.seq_len = 256
@@ -56,6 +62,7 @@ def get_config(arg: str = "tiny"):
         c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20)
     elif arg == "real_helpful":
         c.run_dir = "runs/shared"
+        c.stage = "reward_helpful"
         c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl@1" for name in REAL_SETS[1:])
         c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
         c.data.seq_len = 512

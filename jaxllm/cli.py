@@ -330,6 +330,10 @@ def cmd_score(argv: Sequence[str]) -> int:
     Input records (`inference.read_scoring_records`): conversations (`messages`, ShareGPT, Alpaca,
     `jaxllm generate` rows) get `reward`; pairs (`prompt` + `chosen`/`rejected`, HH transcripts)
     get `reward_chosen` and `reward_rejected`; ranking groups `rewards` and `ranks`, best first.
+    With `--safety_stage`, the rewards are Llama-2's combination of two reward models
+    (`objectives.combined_reward`): the safety stage's score on safety prompts (a record's
+    `is_safety`, else `--safety_prompts` for the whole file) and wherever that score is below
+    `logit(--safety_threshold)`, else `--stage`'s (the helpfulness model's) score.
     Every row has `id` and `truncated`: a group longer than the reward model's seq_len keeps bos
     and its end (the reward data's keep_end; counted). Preference records the reward data skips
     (identical responses, no user content, all ranks tied) are skipped and counted. Accuracy: pairs
@@ -341,6 +345,7 @@ def cmd_score(argv: Sequence[str]) -> int:
 
     from jaxllm import config as config_lib
     from jaxllm import inference
+    from jaxllm import objectives
     from jaxllm.data import preference_records
 
     parser = argparse.ArgumentParser(prog="jaxllm score")
@@ -349,13 +354,35 @@ def cmd_score(argv: Sequence[str]) -> int:
     parser.add_argument("--input", required=True, help="JSONL conversations or preference records")
     parser.add_argument("--output", default="", help="default: RUN_DIR/<stage>/scores/<input stem>.jsonl")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--safety_stage", default="", help="a safety reward-model stage: combine it with --stage "
+                        "as Llama-2's R_c (Touvron et al. 2023, section 3.2.3)")
+    parser.add_argument("--safety_prompts", action="store_true",
+                        help="with --safety_stage: every prompt without its own `is_safety` is a safety prompt")
+    parser.add_argument("--safety_threshold", type=float, default=0.15,
+                        help="with --safety_stage: the safety score wins below this probability")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise config_lib.ConfigError(f"--batch_size={args.batch_size} must be >= 1")
+    if not 0.0 < args.safety_threshold < 1.0:
+        raise config_lib.ConfigError(f"--safety_threshold={args.safety_threshold} must be in (0, 1)")
+    if (args.safety_prompts or args.safety_threshold != 0.15) and not args.safety_stage:
+        raise config_lib.ConfigError("--safety_prompts and --safety_threshold need --safety_stage")
     stats = preference_records.PreferenceStats()
     records = inference.read_scoring_records(args.input, stats)
+    groups = [g for *_, g in records]
     stage = inference.load_stage(args.run, args.stage, head="scalar")
-    rewards, truncated = inference.score_groups(stage, [g for *_, g in records], batch_size=args.batch_size)
+    rewards, truncated = inference.score_groups(stage, groups, batch_size=args.batch_size)
+    if args.safety_stage:
+        safety = inference.load_stage(args.run, args.safety_stage, head="scalar")
+        safety_rewards, safety_truncated = inference.score_groups(safety, groups, batch_size=args.batch_size)
+        flags = [args.safety_prompts if g["is_safety"] is None else g["is_safety"] for g in groups]
+        combined = [np.asarray(objectives.combined_reward(rs, rh, np.full(len(rs), flag),
+                                                          safety_threshold=args.safety_threshold))
+                    for rs, rh, flag in zip(safety_rewards, rewards, flags)]
+        from_safety = sum(int(np.sum(c == rs)) for c, rs in zip(combined, safety_rewards))
+        print(f"combined reward (Llama-2 R_c): {args.safety_stage} scored {from_safety} of "
+              f"{sum(map(len, combined))} sequences ({sum(flags)} of {len(groups)} records are safety prompts)")
+        rewards, truncated = combined, truncated | safety_truncated
     rows, pairs = [], []
     for (rid, kind, group), r, cut in zip(records, rewards, truncated):
         row = {"id": rid}

@@ -296,8 +296,9 @@ def read_scoring_records(path: str | pathlib.Path,
     - "conversation": anything `chat.to_messages` reads (`messages`, ShareGPT, Alpaca,
       prompt/completion), ending on an assistant turn.
     `group` is `{"prompt", "responses", "ranks", "margin"}` as `preference_records.load_groups` returns it
-    (a conversation: the messages before its last assistant turn, and that turn). The id is the
-    record's `id`, else its 1-based line number.
+    (a conversation: the messages before its last assistant turn, and that turn), plus `is_safety`:
+    the record's optional boolean `is_safety` (Llama-2's safety-prompt tag), else None. The id is
+    the record's `id`, else its 1-based line number.
 
     Raises:
       DataError: a bad record or conversation, naming file and line.
@@ -306,10 +307,13 @@ def read_scoring_records(path: str | pathlib.Path,
     out = []
     for lineno, record in chat.read_records(path):
         where, rid = f"{path}:{lineno}", record.get("id", lineno)
+        is_safety = record.get("is_safety")
+        if is_safety is not None and not isinstance(is_safety, bool):
+            raise DataError(f"{where}: field 'is_safety' is {is_safety!r}, not true or false")
         if any(k in record for k in ("chosen", "chosen_text", "responses")):
             group = preference_records.normalize_record(record, where, stats)
             if group is not None:
-                out.append((rid, "group", group))
+                out.append((rid, "group", {**group, "is_safety": is_safety}))
             continue
         if "response" in record and isinstance(record.get("prompt"), list):
             response = record["response"]
@@ -323,7 +327,8 @@ def read_scoring_records(path: str | pathlib.Path,
             kind = "generation"
         else:
             kind, (_, messages) = "conversation", chat.to_messages(record, where)
-        out.append((rid, kind, {"prompt": messages[:-1], "responses": [messages[-1:]], "ranks": [0], "margin": None}))
+        out.append((rid, kind, {"prompt": messages[:-1], "responses": [messages[-1:]], "ranks": [0], "margin": None,
+                                "is_safety": is_safety}))
     return out
 
 

@@ -7,6 +7,8 @@ and data parallelism then never change the loss.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -86,6 +88,36 @@ def pairwise_reward_loss(
         "rewards_rejected": jnp.sum(rr * mask),
     }
     return jnp.sum(per_pair * mask), sums
+
+
+def combined_reward(safety_rewards: jax.Array, helpful_rewards: jax.Array, is_safety: jax.Array, *,
+                    safety_threshold: float = 0.15) -> jax.Array:
+    """Llama-2's combination of a safety and a helpfulness reward model into one reward.
+
+    Touvron et al. 2023, section 3.2.3 (PPO): `R_c(g|p) = R_s(g|p)` if `IS_SAFETY(p)` or
+    `R_s(g|p) < 0.15`, else `R_h(g|p)`, with `R_s, R_h` the models' scores read as probabilities;
+    the reward used is `LOGIT(R_c)`. Our reward heads output the logit directly (`R = sigmoid(r)`),
+    so this returns the chosen raw score, and the threshold applies as `r_s < logit(0.15)`
+    (= -1.735). The threshold treats the safety score as absolute, which Bradley-Terry leaves free
+    up to an offset: it is meaningful for a safety model whose scores are centred (its initial head
+    is near 0, or train it with `center_coef`).
+
+    Args:
+      safety_rewards, helpful_rewards: `[...]` float raw scores (logits) of the same responses.
+      is_safety: `[...]` bool, True where the prompt is a safety prompt.
+      safety_threshold: probability in (0, 1) below which the safety score wins on any prompt.
+
+    Returns:
+      `[...]` float32 combined scores (logits; whiten them per batch before PPO, as Llama-2 does).
+
+    Raises:
+      ValueError: `safety_threshold` outside (0, 1).
+    """
+    if not 0.0 < safety_threshold < 1.0:
+        raise ValueError(f"safety_threshold={safety_threshold} must be in (0, 1)")
+    rs, rh = jnp.asarray(safety_rewards, jnp.float32), jnp.asarray(helpful_rewards, jnp.float32)
+    logit_threshold = math.log(safety_threshold / (1.0 - safety_threshold))
+    return jnp.where(jnp.asarray(is_safety, bool) | (rs < logit_threshold), rs, rh)
 
 
 def ranking_reward_loss(

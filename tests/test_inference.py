@@ -11,6 +11,7 @@ conversation, unpadded, read at its last token.
 
 import concurrent.futures
 import json
+import math
 import pathlib
 import string
 import subprocess
@@ -85,14 +86,14 @@ def make_run(root: pathlib.Path, seq_len: int = SEQ_LEN, stages=("sft", "reward"
     assert not any(tok.sp.IsUnused(i) for i in range(tok.vocab_size))
     out = {}
     for k, stage in enumerate(stages):
-        config = (reward if stage == "reward" else sft).default_config()
+        config = (reward if stage.startswith("reward") else sft).default_config()
         config.run_dir = str(root)
         config.tokenizer.update(model_type="char", byte_fallback=False, num_sentinels=0)
         config.model.update(vocab_size=tok.vocab_size, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
                             mlp_dim=64)
         config.data.seq_len = seq_len
         model_config = llama.LlamaConfig.from_config(config.model)
-        params = random_params(model_config, "scalar" if stage == "reward" else "lm", k, tok.unk_id,
+        params = random_params(model_config, "scalar" if stage.startswith("reward") else "lm", k, tok.unk_id,
                                tok.role_id("end_of_turn"))
         ckpt_lib.export_params(root / stage / "params", params)
         config_lib.save_json(config, root / stage / "config.json")
@@ -341,6 +342,39 @@ def test_score_equals_the_scalar_head_at_the_last_real_token(env, run, tmp_path)
     assert f"truncated to seq_len={SEQ_LEN}: 2 of 8" in proc.stdout and "1 identical" in proc.stdout
 
 
+def test_score_combines_safety_and_helpfulness_models_as_llama2(env, tmp_path):
+    root = tmp_path / "run"
+    _, model_config, params = make_run(root, stages=("reward", "reward_safety"))
+    texts = ["a", "bb", "no", "yes!", "maybe", "x y z", "42", "hmm", "ok", "never", "sure", "why"]
+    records = [{"id": f"p{i}", "prompt": [user(f"question {i}")], "chosen": [bot(texts[i])],
+                "rejected": [bot(texts[-1 - i])], **({"is_safety": True} if i % 3 == 0 else {})}
+               for i in range(len(texts))]
+    records.append({"id": "c", "messages": [user("hi"), bot("hello")], "is_safety": False})
+    template = inference.load_stage(root, "reward", head="scalar").template
+    convs = [[[user(f"question {i}"), bot(texts[i])], [user(f"question {i}"), bot(texts[-1 - i])]]
+             for i in range(len(texts))] + [[[user("hi"), bot("hello")]]]
+    sequences = [training_render(template, c) for pair in convs for c in pair]
+    helpful = reference_rewards(model_config, params["reward"], sequences)
+    safety = reference_rewards(model_config, params["reward_safety"], sequences)
+    flags = [bool(r.get("is_safety", False)) for r in records for _ in range(2 if "chosen" in r else 1)]
+    # A threshold at the median safety score of the other prompts, so both of their branches are taken.
+    threshold = float(np.median([s for s, flag in zip(safety, flags) if not flag])) + 1e-4
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    proc = jaxllm(env, "score", "--run", root, "--stage", "reward", "--safety_stage", "reward_safety",
+                  "--safety_threshold", repr(1.0 / (1.0 + math.exp(-threshold))), "--input", path,
+                  cwd=tmp_path, script=True)
+    assert proc.returncode == 0, describe(proc)
+    rows = {r["id"]: r for r in read_rows(root / "reward" / "scores" / "mixed.jsonl")}
+    want = [s if flag or s < threshold else h for s, h, flag in zip(safety, helpful, flags)]
+    got = [x for r in records for x in ([rows[r["id"]]["reward"]] if r["id"] == "c" else
+                                        [rows[r["id"]]["reward_chosen"], rows[r["id"]]["reward_rejected"]])]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    gated = sum(1 for s, flag in zip(safety, flags) if not flag and s < threshold)
+    assert gated > 0 and sum(flags) > 0 and len(want) - sum(flags) - gated > 0  # every branch is taken
+    assert (f"reward_safety scored {sum(flags) + gated} of {len(want)} sequences "
+            f"(4 of {len(records)} records are safety prompts)") in proc.stdout
+
+
 def test_scoring_records_kinds_skips_and_errors(tmp_path):
     records = [
         {"id": "c", "messages": [user("u"), bot("a")]},
@@ -361,6 +395,9 @@ def test_scoring_records_kinds_skips_and_errors(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [records[0], {"id": "q", "messages": [user("no reply")]}])
     with pytest.raises(DataError, match=f"{bad}:2: .*user turn"):
         inference.read_scoring_records(bad)
+    tag = write_jsonl(tmp_path / "tag.jsonl", [{**records[3], "is_safety": True}, {**records[3], "is_safety": "yes"}])
+    with pytest.raises(DataError, match=f"{tag}:2: field 'is_safety' is 'yes'"):
+        inference.read_scoring_records(tag)
     assert inference.fit_prompt(np.arange(10), 4).tolist() == [0, 7, 8, 9]
     assert [inference.bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
 
@@ -382,6 +419,8 @@ def bad_cases(root: pathlib.Path, tmp: pathlib.Path):
         "reward_stage_cannot_generate": (gen + ["--stage", "reward"], ["score_head", "language-model stage"]),
         "lm_stage_for_score": (["score", "--run", root, "--input", write_jsonl(tmp / "c.jsonl", [
             {"messages": [user("a"), bot("b")]}]), "--stage", "sft"], ["lm_head", "reward-model stage"]),
+        "safety_flag_without_safety_stage": (["score", "--run", root, "--input", tmp / "c.jsonl", "--safety_prompts"],
+                                             ["--safety_prompts", "--safety_stage"]),
         "malformed_prompt_line": (["generate", "--run", root, "--prompts", broken], [f"{broken}:2", "JSON"]),
         "beam_with_temperature": (gen + ["--beam_size", "2", "--temperature", "0.5"], ["--beam_size", "--temperature"]),
     }

@@ -34,6 +34,20 @@ def test_pairwise_margin_and_centering_hand_computed():
     assert float(loss_plain) == pytest.approx(softplus_neg(1.0) + softplus_neg(-1.0), rel=1e-6)
 
 
+def test_combined_reward_follows_llama2_rule():
+    # R_c = R_s if IS_SAFETY(p) or sigmoid(r_s) < 0.15 else R_h; logit(0.15) = ln(0.15/0.85) = -1.7346.
+    rs = jnp.array([0.3, 0.3, -1.70, -1.77, -3.0, 2.0])
+    rh = jnp.array([1.0, 1.0, 5.00, 5.00, -4.0, -2.0])
+    is_safety = jnp.array([True, False, False, False, False, True])
+    got = objectives.combined_reward(rs, rh, is_safety)
+    np.testing.assert_array_equal(np.asarray(got), np.array([0.3, 1.0, 5.0, -1.77, -3.0, 2.0], np.float32))
+    # A looser threshold (0.2: logit -1.386) hands the third response to the safety score too.
+    assert float(objectives.combined_reward(rs, rh, is_safety, safety_threshold=0.2)[2]) == pytest.approx(-1.70)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="safety_threshold"):
+            objectives.combined_reward(rs, rh, is_safety, safety_threshold=bad)
+
+
 def ranking_reference(rewards, ranks, mask):
     """Explicit enumeration of all pairs of each group, in float64."""
     total, groups = 0.0, 0
