@@ -74,3 +74,50 @@ def test_weight_decay_skips_vectors():
     updates, _ = tx.update(zero, state, params)
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["scale"], 0.0)
+
+
+def test_rsqrt_schedule_is_t5s_inverse_square_root():
+    c = optim.default_config()
+    c.update(lr=1e-2, min_lr=1e-3, warmup_steps=100, schedule="rsqrt")
+    lr = optim.schedule(c, 10_000)
+    assert float(lr(0)) == 0.0 and float(lr(50)) == pytest.approx(5e-3)
+    assert float(lr(100)) == pytest.approx(1e-2)
+    assert float(lr(400)) == pytest.approx(1e-2 * (100 / 400) ** 0.5)  # 1/sqrt(step) after warmup
+    assert float(lr(1_000_000)) == pytest.approx(1e-3)  # floor: min_lr
+    c.warmup_steps = 0
+    with pytest.raises(optim.ConfigError, match="warmup_steps"):
+        optim.schedule(c, 10)
+
+
+def test_adafactor_first_step_moves_each_parameter_by_lr_of_its_own_scale():
+    """Step 1 of Adafactor: the second moment is g^2 (decay 1 - 1^-0.8 = 0), so the scaled update
+    has RMS 1 (factored: close to 1) and is clipped at 1, then multiplied by lr and the parameter's
+    RMS: |update| / RMS(p) = lr for an N(0, 1) embedding and for a 0.01-scale matrix alike."""
+    c = optim.default_config()
+    c.update(name="adafactor", lr=0.05, warmup_steps=1, schedule="constant", weight_decay=0.0, grad_clip=0.0)
+    tx, _ = optim.build(c, 10)
+    rng = np.random.default_rng(0)
+    params = {"embedding": jnp.asarray(rng.normal(0, 1.0, (256, 128)), jnp.float32),
+              "w": jnp.asarray(rng.normal(0, 0.01, (128, 192)), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 1e-3, p.shape), jnp.float32), params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # warmup step 0: lr 0
+    updates, _ = tx.update(grads, state, params)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))  # noqa: E731
+    for name in params:
+        ratio = rms(updates[name]) / rms(params[name])
+        assert 0.9 * c.lr < ratio <= 1.0001 * c.lr, (name, ratio)
+    with pytest.raises(optim.ConfigError, match="optimizer.name"):
+        c.name = "sgd"
+        optim.build(c, 10)
+
+
+def test_adafactor_trains_sharded_with_replicated_factored_statistics():
+    c = small_config((2, 2, 2), batch_size=8)
+    c.optimizer.update(name="adafactor", lr=1e-2)
+    c.model.update(embed_dim=128, mlp_dim=256)  # dims >= 128: Adafactor factors these matrices
+    batches = synthetic_batches(3, 8)
+    losses, state = train(c, batches, jax.devices())
+    assert losses[-1] < losses[0]
+    shapes = {tuple(x.shape): x.sharding.spec for x in jax.tree.leaves(state.opt_state) if x.ndim == 1}
+    assert (256,) in shapes or (128,) in shapes  # row / column statistics of factored matrices exist

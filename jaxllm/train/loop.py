@@ -269,7 +269,8 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
     def init_boxed(key):
         params = stage.init_params(key)
         extra = stage.init_extra(jax.random.fold_in(key, 1)) if stage.init_extra else None
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.fit_state_axes(tx.init(params)),
+                          extra=extra)
 
     abstract_boxed = jax.eval_shape(init_boxed, rng)
     sharding.check_divisible(abstract_boxed.params, mesh, rules)
