@@ -383,6 +383,9 @@ def cmd_score(argv: Sequence[str]) -> int:
         print(f"combined reward (Llama-2 R_c): {args.safety_stage} scored {from_safety} of "
               f"{sum(map(len, combined))} sequences ({sum(flags)} of {len(groups)} records are safety prompts)")
         rewards, truncated = combined, truncated | safety_truncated
+        max_context = f"{stage.max_context} ({args.stage}) or {safety.max_context} ({args.safety_stage})"
+    else:
+        max_context = str(stage.max_context)
     rows, pairs = [], []
     for (rid, kind, group), r, cut in zip(records, rewards, truncated):
         row = {"id": rid}
@@ -405,7 +408,7 @@ def cmd_score(argv: Sequence[str]) -> int:
         rc, rr = np.asarray(pairs).T
         print(f"pairs: {len(pairs)}, accuracy {np.mean(rc > rr):.4f} (reward_chosen > reward_rejected), mean margin "
               f"{np.mean(rc - rr):.4f}, mean reward chosen {rc.mean():.4f}, rejected {rr.mean():.4f}")
-    print(f"truncated to seq_len={stage.max_context}: {int(truncated.sum())} of {len(rows)}; skipped preference "
+    print(f"truncated to seq_len={max_context}: {int(truncated.sum())} of {len(rows)}; skipped preference "
           f"records: {stats.skipped_identical} identical, {stats.skipped_empty_prompt} empty prompt, "
           f"{stats.skipped_no_ordered_pair} without an ordered pair")
     return 0
