@@ -376,10 +376,13 @@ def cmd_score(argv: Sequence[str]) -> int:
         safety = inference.load_stage(args.run, args.safety_stage, head="scalar")
         safety_rewards, safety_truncated = inference.score_groups(safety, groups, batch_size=args.batch_size)
         flags = [args.safety_prompts if g["is_safety"] is None else g["is_safety"] for g in groups]
-        combined = [np.asarray(objectives.combined_reward(rs, rh, np.full(len(rs), flag),
-                                                          safety_threshold=args.safety_threshold))
-                    for rs, rh, flag in zip(safety_rewards, rewards, flags)]
-        from_safety = sum(int(np.sum(c == rs)) for c, rs in zip(combined, safety_rewards))
+        sizes = [len(r) for r in rewards]
+        flat_safety = np.concatenate(safety_rewards) if groups else np.zeros(0, np.float32)
+        flat = np.asarray(objectives.combined_reward(  # one call over every sequence, split back per group
+            flat_safety, np.concatenate(rewards) if groups else flat_safety,
+            np.repeat(np.asarray(flags, bool), sizes), safety_threshold=args.safety_threshold))
+        combined = np.split(flat, np.cumsum(sizes)[:-1]) if groups else []
+        from_safety = int(np.sum(flat == flat_safety))
         print(f"combined reward (Llama-2 R_c): {args.safety_stage} scored {from_safety} of "
               f"{sum(map(len, combined))} sequences ({sum(flags)} of {len(groups)} records are safety prompts)")
         rewards, truncated = combined, truncated | safety_truncated
