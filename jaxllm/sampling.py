@@ -29,6 +29,13 @@ tokens before the first re-encode. A prompt longer than `max_context` keeps its 
 `max_context` slots. (`beam_search` instead left-truncates prompts so that prompt and generation
 fit, and rejects `max_new_tokens > max_context`.)
 
+Prefix LMs. With `prefix_lm=True` (`sample`, `generate`) the prompt is a prefix-LM prefix
+(Raffel et al. 2020, section 3.2.1; UL2's decoder-only models): the prefill attends
+bidirectionally over each row's real prompt tokens (`llama.decode(..., prefix_mask=...)`), the
+new tokens causally, exactly as `jaxllm.train.pretrain_t5.prefix_lm_loss_fn` trained them. A
+re-encode would turn generated tokens into prefix, so prompt and generation must fit
+`max_context`.
+
 Beam search (`beam_search`) uses the same layout and cache, with `batch * beams` cache rows
 reordered after each step; see its docstring for the GNMT length penalty.
 
@@ -230,18 +237,19 @@ def check_prompts(model_config: llama.LlamaConfig, tokens, lengths, max_new_toke
 # ---- Sampling loop -------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=(
-    "model_config", "max_new_tokens", "cache_len", "temperature", "top_k", "top_p", "pad_id"))
+    "model_config", "max_new_tokens", "cache_len", "temperature", "top_k", "top_p", "pad_id", "prefix_lm"))
 def _sample(model_config, params, tokens, lengths, rng, stops, *, max_new_tokens, cache_len, temperature, top_k,
-            top_p, pad_id):
+            top_p, pad_id, prefix_lm=False):
     cfg, n = model_config, max_new_tokens
     batch, prompt_len = tokens.shape
     first_real = prompt_len - lengths
     seq = jnp.concatenate([tokens, jnp.full((batch, n), pad_id, jnp.int32)], axis=1)
 
-    def prefill(seq, end, size):
+    def prefill(seq, end, size, prefix_lm=False):
         inputs, positions, segment_ids, next_positions = prompt_window(seq, end, size, first_real)
         cache = llama.init_cache(cfg, batch, cache_len)
-        logits, cache = llama.decode(cfg, params, inputs, positions, segment_ids, cache, last_logits_only=True)
+        logits, cache = llama.decode(cfg, params, inputs, positions, segment_ids, cache, last_logits_only=True,
+                                     prefix_mask=segment_ids if prefix_lm else None)
         return logits[:, 0], cache, next_positions
 
     def step(seq, slot, cache, positions):
@@ -276,7 +284,7 @@ def _sample(model_config, params, tokens, lengths, rng, stops, *, max_new_tokens
             logits, cache, positions = step(seq, slot, cache, positions)
         return (t + 1, cache, positions, *emit(t, logits, seq, logprobs, num_new, done))
 
-    logits, cache, positions = prefill(seq, prompt_len, min(prompt_len, cache_len))
+    logits, cache, positions = prefill(seq, prompt_len, min(prompt_len, cache_len), prefix_lm)
     zeros = jnp.zeros((batch,), jnp.int32)
     first = emit(0, logits, seq, jnp.zeros((batch, n), jnp.float32), zeros, zeros.astype(jnp.bool_))
     carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, positions, *first))
@@ -298,6 +306,7 @@ def sample(
     stop_ids: Sequence[int] = (),
     max_context: int = 0,
     pad_id: int = 0,
+    prefix_lm: bool = False,
 ) -> SampleOutput:
     """Continues a batch of left-padded prompts with a KV cache (see the module docstring).
 
@@ -314,12 +323,14 @@ def sample(
       stop_ids: a row stops after emitting any of these (eos, end-of-turn, ...), included in its output.
       max_context: the training sequence length, the most tokens the model sees (0: no limit).
       pad_id: id written into padding and after a row stopped.
+      prefix_lm: the prompts are prefix-LM prefixes, attended bidirectionally (module docstring).
 
     Returns:
       `SampleOutput` of NumPy-convertible `jax.Array`s (`[batch, max_new_tokens]`, `[batch]`).
 
     Raises:
-      ValueError: on malformed prompts or a sampling parameter out of range.
+      ValueError: on malformed prompts, a sampling parameter out of range, or a prefix LM whose
+        prompt and generation do not fit `max_context`.
     """
     tokens, lengths = check_prompts(model_config, prompt_tokens, prompt_lengths, max_new_tokens, pad_id)
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or max_context < 0:
@@ -328,11 +339,15 @@ def sample(
     batch, prompt_len = tokens.shape
     cache_len = prompt_len + max_new_tokens - 1  # the last token is sampled, never fed
     if max_context:
+        if prefix_lm and cache_len > max_context:
+            raise ValueError(f"prefix_lm: prompt ({prompt_len} slots) + max_new_tokens ({max_new_tokens}) - 1 "
+                             f"exceeds max_context={max_context}; a prefix LM cannot re-encode its window")
         cache_len = min(cache_len, max_context)
     shards = batch_shards()
     out = _sample(model_config, params, jnp.asarray(pad_rows(tokens, shards)), jnp.asarray(pad_rows(lengths, shards)),
                   rng, stop_array(stop_ids), max_new_tokens=int(max_new_tokens), cache_len=cache_len,
-                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=int(pad_id))
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=int(pad_id),
+                  prefix_lm=bool(prefix_lm))
     return SampleOutput(*(x[:batch] for x in out))
 
 
@@ -349,6 +364,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
+    prefix_lm: bool = False,
 ) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens: `sample` on Python lists.
 
@@ -362,6 +378,7 @@ def generate(
       max_context: the training sequence length (see the module docstring); 0 = no limit.
       top_k, top_p: filters as in `sample`.
       stop_ids: more ids that end a generation (e.g. end-of-turn).
+      prefix_lm: attend bidirectionally over each prompt (a prefix LM's prefix; see `sample`).
 
     Returns:
       The generated ids of each prompt, without the prompt, up to and including a stop id.
@@ -378,7 +395,8 @@ def generate(
     tokens, lengths = left_pad(prompts, length=length)
     stops = tuple(stop_ids) + ((eos_id,) if eos_id >= 0 else ())
     out = sample(model_config, params, tokens, lengths, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, max_context=max_context)
+                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, max_context=max_context,
+                 prefix_lm=prefix_lm)
     new_tokens, new_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return [new_tokens[i, : new_lengths[i]].tolist() for i in range(len(prompts))]
 

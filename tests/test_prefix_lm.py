@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import sampling
 from jaxllm.data import lm, span_corruption as sc
 from jaxllm.models import llama
 from jaxllm.train import pretrain_t5
@@ -79,12 +80,34 @@ def test_zero_prefix_is_the_causal_model():
     assert np.abs(prefixed - causal).max() > 1e-3
 
 
-def test_cached_decoding_refuses_a_prefix_mask():
-    cfg = make_config()
+def test_cached_prefix_prefill_then_causal_steps_equal_the_full_forward():
+    # A left-padded prompt prefilled with its prefix mask, then two one-token steps: every logit
+    # equals the uncached forward of the whole row under the prefix-LM mask.
+    cfg = make_config(num_layers=2)
     params = params_of(cfg)
-    ids = jnp.ones((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match="prefix_mask"):
-        llama.Decoder(cfg).apply({"params": params}, ids, ids, ids, llama.init_cache(cfg, 1, 8), prefix_mask=ids)
+    rng = np.random.default_rng(3)
+    pad, prompt_len, steps = np.array([2, 0]), 6, 2
+    tokens = rng.integers(1, cfg.vocab_size, (2, prompt_len + steps)).astype(np.int32)
+    seg = (np.arange(prompt_len + steps)[None] >= pad[:, None]).astype(np.int32)
+    pos = np.maximum(np.arange(prompt_len + steps)[None] - pad[:, None], 0).astype(np.int32) * seg
+    prefix = (seg * (np.arange(prompt_len + steps)[None] < prompt_len)).astype(np.int32)
+    full = np.asarray(apply(cfg, params, tokens, pos, seg, "lm", prefix))
+
+    decode = jax.jit(llama.decode, static_argnums=0)
+    cache = llama.init_cache(cfg, 2, prompt_len + steps)
+    p = slice(0, prompt_len)
+    got, cache = decode(cfg, params, tokens[:, p], pos[:, p], seg[:, p], cache, prefix_mask=prefix[:, p])
+    chunks = [np.asarray(got)]
+    for t in range(prompt_len, prompt_len + steps):
+        s = slice(t, t + 1)
+        got, cache = decode(cfg, params, tokens[:, s], pos[:, s], seg[:, s], cache)
+        chunks.append(np.asarray(got))
+    cached = np.concatenate(chunks, axis=1)
+    real = seg > 0
+    np.testing.assert_allclose(cached[real], full[real], atol=1e-5, rtol=1e-5)
+    # The prefix block matters: a causal prefill differs on the prompt's real tokens.
+    causal, _ = decode(cfg, params, tokens[:, p], pos[:, p], seg[:, p], llama.init_cache(cfg, 2, prompt_len + steps))
+    assert np.abs(np.asarray(causal)[real[:, p]] - full[:, p][real[:, p]]).max() > 1e-3
 
 
 def test_prefix_lm_generate_is_greedy_under_the_full_forward():
@@ -105,6 +128,15 @@ def test_prefix_lm_generate_is_greedy_under_the_full_forward():
     assert cut == outs[0][: outs[0].index(stop) + 1]
     with pytest.raises(ValueError, match="max_new_tokens"):
         pretrain_t5.prefix_lm_generate(cfg, params, prompts, 0)
+
+
+def test_prefix_lm_sampling_must_fit_max_context():
+    cfg = make_config()
+    params = params_of(cfg)
+    with pytest.raises(ValueError, match="max_context"):
+        sampling.generate(cfg, params, [[5, 6, 7, 8]], max_new_tokens=8, max_context=8, prefix_lm=True)
+    assert len(sampling.generate(cfg, params, [[5, 6, 7, 8]], max_new_tokens=5, max_context=16,
+                                 prefix_lm=True)[0]) == 5
 
 
 def test_prefix_lm_loss_covers_only_the_targets():

@@ -291,9 +291,11 @@ class Decoder(nn.Module):
     `[batch, length, vocab]` in float32. With a `cache` (see `init_cache`) the tokens are appended to
     it and `(logits, cache)` is returned; `last_logits_only` then computes logits `[batch, 1, vocab]`
     of the last token only (the LM head over a whole prompt is wasted work when sampling).
-    `prefix_mask` `[batch, length]` (training path only) makes a prefix LM: tokens with
-    `prefix_mask == 1` also attend to the later prefix tokens of their segment (Raffel et al. 2020,
-    section 3.2.1; `jaxllm.data.span_corruption.prefix_lm_attention_mask`).
+    `prefix_mask` `[batch, length]` makes a prefix LM: tokens with `prefix_mask == 1` also attend
+    to the later prefix tokens of their segment (Raffel et al. 2020, section 3.2.1;
+    `jaxllm.data.span_corruption.prefix_lm_attention_mask`). With a cache it covers the new tokens
+    only: a prefill of the whole prefix in one call gives its bidirectional attention, the decode
+    steps after it are causal, and the result equals the uncached forward of the whole sequence.
     """
 
     config: LlamaConfig
@@ -311,9 +313,7 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "act_embed"))
         cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
         if cache is not None:
-            if prefix_mask is not None:
-                raise ValueError("prefix_mask is supported by the training path (no cache) only")
-            x, cache = self._cached_layers(x, cos, sin, segment_ids, cache)
+            x, cache = self._cached_layers(x, cos, sin, segment_ids, cache, prefix_mask)
             if last_logits_only:
                 x, length = x.reshape(batch, length, cfg.embed_dim)[:, -1], 1
             return self._head(x, embedding, batch, length), cache
@@ -347,12 +347,21 @@ class Decoder(nn.Module):
                 x, _ = block(cfg, name=f"layers_{i}")(x, cos, sin, mask)
         return self._head(x, embedding, batch, length)
 
-    def _cached_layers(self, x, cos, sin, segment_ids, cache):
-        """The blocks over the new tokens `x` with the KV `cache`; returns `(x, updated cache)`."""
+    def _cached_layers(self, x, cos, sin, segment_ids, cache, prefix_mask=None):
+        """The blocks over the new tokens `x` with the KV `cache`; returns `(x, updated cache)`.
+
+        A `prefix_mask` `[batch, length]` over the new tokens adds their bidirectional block: new
+        prefix tokens of one segment see each other (slots `index ..`), on top of the causal mask.
+        """
         cfg = self.config
         index = cache["index"]
         cache_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
         mask = layers.cached_attention_mask(segment_ids, cache_segment_ids, index)
+        if prefix_mask is not None:
+            prefix = prefix_mask.astype(jnp.bool_)
+            block = (prefix[:, :, None] & prefix[:, None, :]
+                     & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]  # [batch, 1, length, length]
+            mask = mask | jax.lax.dynamic_update_slice(jnp.zeros_like(mask), block, (0, 0, 0, index))
         new = {"segment_ids": cache_segment_ids, "index": index + segment_ids.shape[1]}
         # No remat: nothing is differentiated while decoding (module names, hence params, match).
         if cfg.scan_layers:
@@ -459,7 +468,8 @@ def cache_logical_axes(config: LlamaConfig) -> dict:
 
 
 def decode(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-           cache: dict, *, last_logits_only: bool = False) -> tuple[jax.Array, dict]:
+           cache: dict, *, last_logits_only: bool = False,
+           prefix_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Feeds `length` new tokens per row through the model with a KV cache (prefill or one step).
 
     The tokens go to cache slots `cache["index"] .. + length - 1`; each attends to the earlier slots
@@ -475,12 +485,15 @@ def decode(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array,
       cache: from `init_cache` or a previous `decode`. Needs `index + length <= max_len`; this is not
         checked inside jit, where `dynamic_update_slice` would clamp the write onto the last slots.
       last_logits_only: return logits of the last new token only.
+      prefix_mask: `[batch, length]` int, 1 where a new token is a prefix-LM prefix token (attends
+        to the later new prefix tokens of its segment too; see `Decoder`); None: causal.
 
     Returns:
       `(logits, cache)`: float32 `[batch, length or 1, vocab]` and the cache with the new slots and
       `index` advanced by `length`.
     """
-    return Decoder(config).apply({"params": params}, inputs, positions, segment_ids, cache, last_logits_only)
+    return Decoder(config).apply({"params": params}, inputs, positions, segment_ids, cache, last_logits_only,
+                                 prefix_mask)
 
 
 def count_params(config: LlamaConfig, *, embeddings: bool = True) -> int:

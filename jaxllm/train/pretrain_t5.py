@@ -16,7 +16,8 @@ Both losses are normalised by the real target tokens of the global batch. Files 
 `RUN_DIR/pretrain/` like causal-LM pretraining. Samples (during training and `jaxllm sample`)
 corrupt text with the run's first span denoiser and print the model's fill of each sentinel
 (`SentinelFiller`): T5 encodes once and decodes with a KV cache (`t5.generate`); the prefix LM
-re-runs its full forward per new token (`prefix_lm_generate`), since the cached decoder is causal.
+prefills its prompt bidirectionally into the decoder's KV cache and decodes causally
+(`prefix_lm_generate`, `sampling.generate(..., prefix_lm=True)`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -113,41 +113,12 @@ def prefix_lm_loss_fn(model_config: llama.LlamaConfig):
     return loss_fn
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature"))
-def _prefix_lm_generate(config: llama.LlamaConfig, params, tokens, lengths, rng, eos_id, *, max_new_tokens: int,
-                        temperature: float):
-    rows, length = tokens.shape
-    slots = jnp.arange(length, dtype=jnp.int32)
-    prefix_mask = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(slots, tokens.shape)
-    # One segment per row: slots after the current token are never visible to it (causal), and the
-    # prompt's bidirectional block covers prompt slots only.
-    segment_ids = jnp.ones_like(tokens)
-    row = jnp.arange(rows)
-
-    def cond(state):
-        t, _, done = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        t, tokens, done = state
-        logits = llama.apply(config, params, tokens, positions, segment_ids, prefix_mask=prefix_mask)
-        nxt, _ = sampling.sample_logits(jax.random.fold_in(rng, t), logits[row, lengths - 1 + t],
-                                        temperature=temperature)
-        nxt = jnp.where(done, 0, nxt)
-        return t + 1, tokens.at[row, lengths + t].set(nxt), done | (nxt == eos_id)
-
-    state = (jnp.zeros((), jnp.int32), tokens, jnp.zeros((rows,), jnp.bool_))
-    return jax.lax.while_loop(cond, body, state)[1]
-
-
 def prefix_lm_generate(config: llama.LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                        temperature: float = 0.0, eos_id: int = -1, seed: int = 0) -> list[list[int]]:
     """Continues each prompt as a prefix LM: the prompt is the bidirectional prefix, new tokens causal.
 
-    Every step runs the full forward over a `[rows, L]` buffer (L = longest prompt + `max_new_tokens`,
-    rounded up to 16); `t5.generate`'s counterpart for decoder-only span-corruption models. Rows are
-    repeated up to a multiple of the active mesh's batch shards.
+    `t5.generate`'s counterpart for decoder-only span-corruption models: `sampling.generate` with
+    `prefix_lm=True`, one prefill of the prompts into the KV cache, then one-token steps.
 
     Args:
       config, params: the model and its unboxed parameters.
@@ -161,24 +132,8 @@ def prefix_lm_generate(config: llama.LlamaConfig, params, prompts: Sequence[Sequ
     Raises:
       ValueError: an empty prompt, `max_new_tokens < 1` or `temperature < 0`.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
-    length = -(-(max(len(p) for p in prompts) + max_new_tokens) // 16) * 16
-    tokens = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    shards = sampling.batch_shards()
-    out = np.asarray(_prefix_lm_generate(config, params, sampling.pad_rows(tokens, shards),
-                                         sampling.pad_rows(lengths, shards), jax.random.key(seed), jnp.int32(eos_id),
-                                         max_new_tokens=max_new_tokens, temperature=float(temperature)))
-    result = []
-    for i, n in enumerate(lengths.tolist()):
-        row = out[i, n:n + max_new_tokens].tolist()
-        result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return result
+    return sampling.generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             eos_id=eos_id, seed=seed, prefix_lm=True)
 
 
 @dataclasses.dataclass(frozen=True)
