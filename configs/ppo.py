@@ -8,6 +8,11 @@ ARG is one of:
     jaxllm ppo --config configs/ppo.py:tiny
 - `real`: prompts of the shared SFT and preference train sets, after `configs/reward.py:real`.
     jaxllm ppo --config configs/ppo.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
+- `real_llama2`: `real` rewarded as Llama-2-chat is (Touvron et al. 2023, section 3.2.3): the
+  combined reward R_c of the safety and helpfulness reward models of `configs/reward.py:real_safety`
+  / `real_helpful` (stages `reward_safety`, `reward_helpful`; the value model starts from the
+  helpfulness one), HH-harmless prompts tagged as safety prompts, scores whitened per batch.
+    jaxllm ppo --config configs/ppo.py:real_llama2 --config.data_root=../shared/data --config.run_dir=runs/shared
 """
 
 from jaxllm.train import ppo
@@ -28,7 +33,7 @@ def get_config(arg: str = "tiny"):
         c.train.update(steps=12, batch_size=16)
         c.ppo.update(epochs=2, minibatches=2)
         c.optimizer.update(lr=2e-5, min_lr=2e-6, warmup_steps=8)
-    elif arg == "real":
+    elif arg in ("real", "real_llama2"):
         c.run_dir = "runs/shared"
         c.prompts.sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/train.jsonl" for n in SFT_SETS] +
                                      [f"jsonl:{{data_root}}/preference/{n}/train.jsonl" for n in PREF_SETS])
@@ -44,6 +49,12 @@ def get_config(arg: str = "tiny"):
         c.ppo.missing_eos_penalty = 0.0
         c.train.update(steps=40, batch_size=32)
         c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=20)
+        if arg == "real_llama2":
+            c.stage = "ppo_llama2"
+            c.reward_from, c.safety_reward_from = "reward_helpful", "reward_safety"
+            c.prompts.safety_sources = ";".join(f"jsonl:{{data_root}}/preference/hh_rlhf_harmless_base/{split}.jsonl"
+                                                for split in ("train", "test"))
+            c.ppo.whiten_scores = True
     else:
-        raise KeyError(f"unknown ppo config {arg!r}; expected tiny or real")
+        raise KeyError(f"unknown ppo config {arg!r}; expected tiny, real or real_llama2")
     return c

@@ -307,9 +307,7 @@ def read_scoring_records(path: str | pathlib.Path,
     out = []
     for lineno, record in chat.read_records(path):
         where, rid = f"{path}:{lineno}", record.get("id", lineno)
-        is_safety = record.get("is_safety")
-        if is_safety is not None and not isinstance(is_safety, bool):
-            raise DataError(f"{where}: field 'is_safety' is {is_safety!r}, not true or false")
+        is_safety = chat.safety_flag(record, where)
         if any(k in record for k in ("chosen", "chosen_text", "responses")):
             group = preference_records.normalize_record(record, where, stats)
             if group is not None:

@@ -55,6 +55,10 @@ def run_pipeline(env, run_dir: pathlib.Path, *overrides) -> subprocess.Completed
     return proc
 
 
+def ppo_rows(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
 def read_report(run_dir: pathlib.Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
@@ -84,9 +88,9 @@ def test_report_has_every_section(reference):
     md = (run_dir / "report.md").read_text()
     for policy in ("sft", "ppo", "dpo"):
         assert f"| {policy} | " in md
-    ppo_rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert all(name in ppo_rows[-1] for name in PPO_METRICS), sorted(ppo_rows[-1])
-    assert "loss/ptx" in ppo_rows[-1]  # the pretraining mix is on in this config
+    rows = ppo_rows(run_dir)
+    assert all(name in rows[-1] for name in PPO_METRICS), sorted(rows[-1])
+    assert "loss/ptx" in rows[-1]  # the pretraining mix is on in this config
 
 
 def test_rerun_skips_finished_stages(env, reference):
@@ -161,12 +165,28 @@ def test_first_ppo_minibatch_has_ratio_one(env, reference, tmp_path):
     shutil.copytree(ref_dir, run_dir, ignore=shutil.ignore_patterns("ppo", "report.*"))
     run_pipeline(env, run_dir, "--config.stages=('ppo',)", "--config.ppo.ppo.epochs=1",
                  "--config.ppo.ppo.minibatches=1")
-    rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = ppo_rows(run_dir)
     rows = [r for r in rows if "loss" in r]
     assert len(rows) == 4
     for row in rows:
         assert row["policy/ratio"] == 1.0, row
         assert row["policy/clipfrac"] == 0.0 and row["policy/approxkl"] < 1.8e-12, row
+
+
+def test_ppo_with_llama2_combined_reward(env, reference, tmp_path):
+    """Llama-2's R_c through the PPO stage: a second frozen reward model from its own stage, the
+    prompts tagged as safety prompts by file. With the safety model a copy of the reward model, every
+    row is scored by it and the first iteration (same params, same rollout) scores as the reference."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir, ignore=shutil.ignore_patterns("ppo", "report.*"))
+    shutil.copytree(run_dir / "reward", run_dir / "reward_safety")
+    run_pipeline(env, run_dir, "--config.stages=('ppo',)", "--config.ppo.safety_reward_from=reward_safety",
+                 "--config.ppo.prompts.safety_sources=jsonl:{run_dir}/data/stdlib/prompts/train.jsonl")
+    rows, ref_rows = ([r for r in ppo_rows(d) if "loss" in r] for d in (run_dir, ref_dir))
+    assert len(rows) == len(ref_rows) == 4
+    assert all(r["objective/safety_reward_rate"] == 1.0 for r in rows), rows
+    assert rows[0]["objective/scores"] == pytest.approx(ref_rows[0]["objective/scores"], rel=1e-5, abs=1e-6)
 
 
 def test_eval_command_rewrites_the_report(env, reference, tmp_path):

@@ -231,6 +231,19 @@ def join_repeated_roles(messages: list) -> tuple[list, bool]:
     return out, len(out) < len(messages)
 
 
+def safety_flag(record: dict, where: str) -> bool | None:
+    """A record's optional boolean `is_safety` (Llama-2's safety-prompt tag, Touvron et al. 2023,
+    section 3.2.3), else None.
+
+    Raises:
+      DataError: `is_safety` present but not true or false (naming `where`, e.g. file:line).
+    """
+    flag = record.get("is_safety")
+    if flag is not None and not isinstance(flag, bool):
+        raise DataError(f"{where}: field 'is_safety' is {flag!r}, not true or false")
+    return flag
+
+
 def to_prompt(record: Any, where: str) -> list[dict]:
     """Converts one record to a generation prompt: messages ending on a user turn.
 

@@ -9,6 +9,10 @@ state's `extra`. One train step is one PPO iteration, jitted end to end:
 2. Scoring: policy and reference log-probs of the response tokens with logits divided by the same
    temperature as the rollout, values from the value model, the reward model's score at the last
    response token (minus `missing_eos_penalty` when the response did not end with a stop token).
+   With `safety_reward_from` set, Llama-2's two reward models (Touvron et al. 2023, section
+   3.2.3): the score is `objectives.combined_reward` of the safety and the helpfulness model
+   (`reward_from`) on the batch's `prompt_is_safety` tags (`prompts.safety_sources`), whitened
+   over the batch when `ppo.whiten_scores` (Llama-2's `WHITEN(LOGIT(R_c))`).
 3. Per-token reward `-kl_coef * KL_t` (k1/k2/k3, `objectives.kl_penalty`) plus the score at the
    last response token (Ziegler et al. 2019; Stiennon et al. 2020, eq. 1).
 4. GAE (`objectives.gae`, gamma 1, lambda 0.95) and advantages whitened over real response tokens.
@@ -51,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.stage = "ppo"
     c.init_from = "sft"
     c.reward_from = "reward"  # stage whose params/ give the reward model and the value model's start
+    c.safety_reward_from = ""  # stage of a safety reward model: Llama-2's combined reward (module docstring)
     c.prompts = prompt_data.default_config()
     c.data = lm.default_config()  # the pretraining mix (used when ppo.ptx_coef > 0)
     c.data.eval_sources = ""
@@ -71,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.ppo.minibatches = 4
     c.ppo.whiten_advantages = True
     c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of a response without a stop token
+    c.ppo.safety_threshold = 0.15  # with safety_reward_from: safety score below this probability wins
+    c.ppo.whiten_scores = False  # whiten the reward-model scores over the batch (Llama-2)
     c.ppo.ptx_coef = 0.0  # InstructGPT's gamma; > 0 mixes in the pretraining LM loss
     c.ppo.ptx_batch_size = 8
     c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=10, weight_decay=0.0)
@@ -130,6 +137,22 @@ def final_scores(config, reward_params, view, lengths):
     return jnp.take_along_axis(scores, jnp.maximum(p + lengths - 1, 0)[:, None], axis=1)[:, 0]
 
 
+def response_scores(config, extra, view, lengths, is_safety, *, safety_threshold: float = 0.15):
+    """The reward `[b]` float32 of each response and `[b]` bool: whether the safety model gave it.
+
+    One reward model (`extra["reward"]`): its score at the last response token, never the safety
+    one's. With `extra["safety_reward"]` as well: Llama-2's `R_c` (`objectives.combined_reward`),
+    the safety score where `is_safety` `[b]` or where it is below probability `safety_threshold`,
+    else the helpfulness score (Touvron et al. 2023, section 3.2.3).
+    """
+    helpful = final_scores(config, extra["reward"], view, lengths)
+    if "safety_reward" not in extra:
+        return helpful, jnp.zeros(helpful.shape, jnp.bool_)
+    safety = final_scores(config, extra["safety_reward"], view, lengths)
+    score = objectives.combined_reward(safety, helpful, is_safety > 0, safety_threshold=safety_threshold)
+    return score, score == safety
+
+
 def ended_with_stop(responses: jax.Array, lengths: jax.Array, stop_ids) -> jax.Array:
     """`[b]` bool: the response's last token is a stop token (eos / end-of-turn)."""
     last = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
@@ -162,7 +185,10 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             ref_logprobs, _ = response_logprobs(model_config, extra["ref"], view, c.temperature)
             old_values = response_values(model_config, value, view)
             ended = ended_with_stop(responses, lengths, stop_ids)
-            score = final_scores(model_config, extra["reward"], view, lengths)
+            score, by_safety = response_scores(model_config, extra, view, lengths, batch["prompt_is_safety"],
+                                               safety_threshold=c.safety_threshold)
+            if c.whiten_scores:
+                score = objectives.whiten(score, jnp.ones_like(score))
             score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
             probs = jax.nn.softmax(logits, axis=-1)
             entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
@@ -245,6 +271,8 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
                 "completions/mean_length": jnp.mean(lengths.astype(jnp.float32)),
                 "completions/missing_eos_rate": 1.0 - jnp.mean(ended.astype(jnp.float32)),
             }
+            if "safety_reward" in extra:
+                metrics["objective/safety_reward_rate"] = jnp.mean(by_safety.astype(jnp.float32))
             new_state = loop.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                         extra={**extra, "kl_coef": new_kl_coef})
             return new_state, metrics
@@ -291,36 +319,47 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         train_data = grain.experimental.ZipMapDataset([train_data[:n], ptx[:n]]).map(
             lambda pair: {**pair[0], **{f"{PTX}{k}": v for k, v in pair[1].items()}})
 
+    if not 0.0 < c.safety_threshold < 1.0:
+        raise config_lib.ConfigError(f"ppo.safety_threshold={c.safety_threshold} must be in (0, 1)")
     policy_dir = sft.source_stage_dir(config) / "params"
     reward_dir = sft.source_stage_dir(config).parent / config.reward_from / "params"
+    safety = config.get("safety_reward_from", "")
+    safety_dir = sft.source_stage_dir(config).parent / safety / "params"
 
     def init_params(rng):
         return {"policy": llama.init(model_config, rng),
                 "value": llama.init(model_config, jax.random.fold_in(rng, 1), head="scalar")}
 
     def init_extra(rng):
-        return {"ref": llama.init(model_config, rng),
-                "reward": llama.init(model_config, jax.random.fold_in(rng, 1), head="scalar"),
-                "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+        extra = {"ref": llama.init(model_config, rng),
+                 "reward": llama.init(model_config, jax.random.fold_in(rng, 1), head="scalar"),
+                 "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+        if safety:
+            extra["safety_reward"] = llama.init(model_config, jax.random.fold_in(rng, 2), head="scalar")
+        return extra
 
     def load_params(abstract):
         return {"policy": ckpt_lib.load_params(policy_dir, abstract["policy"]),
                 "value": ckpt_lib.load_params(reward_dir, abstract["value"])}
 
     def load_extra(abstract):
-        return {"ref": ckpt_lib.load_params(policy_dir, abstract["ref"]),
-                "reward": ckpt_lib.load_params(reward_dir, abstract["reward"]),
-                "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+        extra = {"ref": ckpt_lib.load_params(policy_dir, abstract["ref"]),
+                 "reward": ckpt_lib.load_params(reward_dir, abstract["reward"]),
+                 "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
+        if safety:
+            extra["safety_reward"] = ckpt_lib.load_params(safety_dir, abstract["safety_reward"])
+        return extra
 
     tokens = config.train.batch_size * (config.prompts.max_prompt_len + c.max_new_tokens)
-    # Per iteration: rollout + 4 scoring forwards + epochs x (policy and value forward+backward).
+    # Per iteration: rollout + 4 (5 with a safety RM) scoring forwards + epochs x (policy and value
+    # forward+backward).
     flops = llama.flops_per_token(model_config, config.prompts.max_prompt_len + c.max_new_tokens) * tokens
     return loop.Stage(
         name=config.stage,
         init_params=init_params,
         loss_fn=None,
         train_data=train_data,
-        flops_per_step=flops * (5 / 3 + 2 * c.epochs),
+        flops_per_step=flops * ((5 + bool(safety)) / 3 + 2 * c.epochs),
         tokens_per_step=tokens,
         load_params=load_params,
         summarize=summarize,
