@@ -112,8 +112,17 @@ def test_step_with_combined_reward_equals_the_chosen_single_model(reward_models)
     assert abs(single["safety"][1]["objective/scores"] - single["helpful"][1]["objective/scores"]) > 1e-3
 
 
-def test_whiten_scores_centres_the_batch_rewards(reward_models):
+def test_whitened_scores_make_the_update_scale_free(reward_models):
+    # Whitening (Llama-2's WHITEN(R_c)) removes the reward models' scale: tripling both score heads
+    # triples every raw score but leaves the update unchanged; without whitening it changes it.
+    # (The low-safety-score gate is off here: scaling would move scores across its threshold.)
     helpful, safety = reward_models
-    both = {"reward": helpful, "safety_reward": safety}
-    assert abs(ppo_step(both, [1, 0, 1, 0])[1]["objective/scores"]) > 1e-3
-    assert abs(ppo_step(both, [1, 0, 1, 0], whiten=True)[1]["objective/scores"]) < 1e-6
+    scaled = lambda p: {**p, "score_head": 3.0 * p["score_head"]}  # noqa: E731
+    flags = [1, 0, 1, 0]
+    base = ppo_step({"reward": helpful, "safety_reward": safety}, flags, 1e-9, whiten=True)
+    tripled = ppo_step({"reward": scaled(helpful), "safety_reward": scaled(safety)}, flags, 1e-9, whiten=True)
+    np.testing.assert_allclose(tripled[1]["objective/scores"], 3.0 * base[1]["objective/scores"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), tripled[0], base[0])
+    raw = ppo_step({"reward": scaled(helpful), "safety_reward": scaled(safety)}, flags, 1e-9, whiten=False)
+    assert raw[1]["objective/scores"] == pytest.approx(tripled[1]["objective/scores"], rel=1e-5)
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), raw[0], base[0]))) > 1e-5

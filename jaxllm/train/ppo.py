@@ -11,8 +11,9 @@ state's `extra`. One train step is one PPO iteration, jitted end to end:
    response token (minus `missing_eos_penalty` when the response did not end with a stop token).
    With `safety_reward_from` set, Llama-2's two reward models (Touvron et al. 2023, section
    3.2.3): the score is `objectives.combined_reward` of the safety and the helpfulness model
-   (`reward_from`) on the batch's `prompt_is_safety` tags (`prompts.safety_sources`), whitened
-   over the batch when `ppo.whiten_scores` (Llama-2's `WHITEN(LOGIT(R_c))`).
+   (`reward_from`) on the batch's `prompt_is_safety` tags (`prompts.safety_sources`). With
+   `ppo.whiten_scores` the scores are whitened over the batch before they enter the rewards
+   (Llama-2's `WHITEN(LOGIT(R_c))`); `objective/scores` always logs the raw ones.
 3. Per-token reward `-kl_coef * KL_t` (k1/k2/k3, `objectives.kl_penalty`) plus the score at the
    last response token (Ziegler et al. 2019; Stiennon et al. 2020, eq. 1).
 4. GAE (`objectives.gae`, gamma 1, lambda 0.95) and advantages whitened over real response tokens.
@@ -187,9 +188,9 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             ended = ended_with_stop(responses, lengths, stop_ids)
             score, by_safety = response_scores(model_config, extra, view, lengths, batch["prompt_is_safety"],
                                                safety_threshold=c.safety_threshold)
-            if c.whiten_scores:
-                score = objectives.whiten(score, jnp.ones_like(score))
             score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
+            # Metrics report the raw scores; the rewards use the whitened ones when asked.
+            final = objectives.whiten(score, jnp.ones_like(score)) if c.whiten_scores else score
             probs = jax.nn.softmax(logits, axis=-1)
             entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
@@ -197,7 +198,7 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             kl = objectives.kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator) * mask
             kl_coef = extra["kl_coef"]
             rewards = -kl_coef * kl
-            rewards = rewards + jax.nn.one_hot(jnp.maximum(lengths - 1, 0), n_new) * score[:, None] * (lengths > 0)[:, None]
+            rewards = rewards + jax.nn.one_hot(jnp.maximum(lengths - 1, 0), n_new) * final[:, None] * (lengths > 0)[:, None]
             advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
             if c.whiten_advantages:
                 advantages = objectives.whiten(advantages, mask)
