@@ -13,6 +13,8 @@ ARG is one of:
   / `real_helpful` (stages `reward_safety`, `reward_helpful`; the value model starts from the
   helpfulness one), HH-harmless prompts tagged as safety prompts, scores whitened per batch.
     jaxllm ppo --config configs/ppo.py:real_llama2 --config.data_root=../shared/data --config.run_dir=runs/shared
+  Measured (32 minutes on 2 shared cores): held-out mean R_c on HH-harmless test prompts 0.067 (SFT)
+  -> 0.258, win rate 0.615 against SFT; on OASST 0.509 (level); bench/RESULTS.md.
 """
 
 from jaxllm.train import ppo
