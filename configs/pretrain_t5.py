@@ -33,7 +33,9 @@ ARG is one of:
     jaxllm pretrain --config configs/pretrain_t5.py:ul2_prefix_lm_shared --config.data_root=../shared/data
   Measured (1000 steps, same machine, load average ~5-7): 17.1 minutes; eval loss (R(3,0.15) rows)
   5.27, 4.90, 4.78, 4.67, 4.63 at steps 200 ... 1000 (content tokens 6.17 nats, sentinels and eos
-  0.95); greedy fills are short function-word runs (`[[ of the]]`) or whitespace.
+  0.95); greedy fills are short function-word runs (`[[ of the]]`) or whitespace. With
+  `--config.train.steps=24000 --config.train.eval_every=2000`: eval loss 3.608 and fills that
+  complete words in context (`Por[[cupine]]`, `concl[[uded]]`); bench/RESULTS.md.
 - `small`, `base`, `large`: the T5 v1.1 shapes (`jaxllm.models.t5.PRESETS`) with T5's pretraining
   layout: 512 encoder / 114 decoder tokens, batch 128, bf16 compute, no dropout, and T5's
   optimizer: Adafactor at 0.01 for 10^4 steps, then the inverse square root (`schedule="rsqrt"`;
