@@ -8,10 +8,15 @@ ARG is one of:
 - `real`: `DATA_ROOT/preference/{hh_rlhf_harmless_base, oasst_en100_rankings,
   gsm8k_model_solutions, llamafactory_dpo_en_demo}` pairs, with held-out pairs per test split.
     jaxllm dpo --config configs/dpo.py:real --config.data_root=../shared/data --config.run_dir=runs/shared
+- `smollm2`: Zephyr's recipe on a published instruct model: DPO from SmolLM2-135M-Instruct (the
+  project's GGUF, `../shared/models`; also the reference) on the `real` pairs in its ChatML
+  template (seq 256, 30 steps x 4 pairs, beta 0.1, lr 5e-6), into `runs/smollm2`.
+    jaxllm dpo --config configs/dpo.py:smollm2 --config.data_root=../shared/data
 """
 
 from jaxllm.train import dpo
 
+SMOLLM2 = "gguf:../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # relative to the repository root
 REAL_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions", "llamafactory_dpo_en_demo")
 
 
@@ -34,6 +39,15 @@ def get_config(arg: str = "tiny"):
         c.train.update(steps=150, batch_size=16, eval_every=0, log_every=10)
         c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=15)
         c.sample.prompts = ("What is the capital of France?",)
+    elif arg == "smollm2":
+        c.run_dir = "runs/smollm2"
+        c.init_from = SMOLLM2
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl" for name in REAL_SETS)
+        c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
+        c.data.seq_len = 256
+        c.train.update(steps=30, batch_size=4, eval_every=0, eval_batches=8, log_every=5, eval_at_start=True)
+        c.optimizer.update(lr=5e-6, min_lr=5e-7, warmup_steps=5)
+        c.sample.prompts = ("What is the capital of France?",)
     else:
-        raise KeyError(f"unknown dpo config {arg!r}; expected tiny or real")
+        raise KeyError(f"unknown dpo config {arg!r}; expected tiny, real or smollm2")
     return c

@@ -15,10 +15,17 @@ ARG is one of:
     jaxllm ppo --config configs/ppo.py:real_llama2 --config.data_root=../shared/data --config.run_dir=runs/shared
   Measured (32 minutes on 2 shared cores): held-out mean R_c on HH-harmless test prompts 0.067 (SFT)
   -> 0.258, win rate 0.615 against SFT; on OASST 0.509 (level); bench/RESULTS.md.
+- `smollm2`: PPO on a published instruct model: policy and reference SmolLM2-135M-Instruct from the
+  project's GGUF (`../shared/models`), rewarded by `configs/reward.py:smollm2` (stage `reward` of
+  `runs/smollm2`, which also starts the value model), prompts of the shared SFT and preference
+  sets in the model's ChatML template (8 iterations x 8 prompts, 48 new tokens, no pretraining mix).
+    jaxllm reward --config configs/reward.py:smollm2 --config.data_root=../shared/data
+    jaxllm ppo --config configs/ppo.py:smollm2 --config.data_root=../shared/data
 """
 
 from jaxllm.train import ppo
 
+SMOLLM2 = "gguf:../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # relative to the repository root
 SFT_SETS = ("lima", "oasst_en100", "alpaca_en_demo", "self_instruct_seed", "fastchat_dummy_conversation")
 PREF_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions")
 
@@ -57,6 +64,20 @@ def get_config(arg: str = "tiny"):
             c.prompts.safety_sources = ";".join(f"jsonl:{{data_root}}/preference/hh_rlhf_harmless_base/{split}.jsonl"
                                                 for split in ("train", "test"))
             c.ppo.whiten_scores = True
+    elif arg == "smollm2":
+        c.run_dir = "runs/smollm2"
+        c.init_from = SMOLLM2
+        c.reward_from = "reward"
+        c.prompts.sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/train.jsonl" for n in SFT_SETS] +
+                                     [f"jsonl:{{data_root}}/preference/{n}/train.jsonl" for n in PREF_SETS])
+        c.prompts.eval_sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/test.jsonl" for n in SFT_SETS] +
+                                          [f"jsonl:{{data_root}}/preference/{n}/test.jsonl" for n in PREF_SETS])
+        c.prompts.max_prompt_len = 128
+        c.ppo.max_new_tokens = 48
+        c.ppo.missing_eos_penalty = 0.0
+        c.train.update(steps=8, batch_size=8)
+        c.ppo.update(epochs=2, minibatches=2)
+        c.optimizer.update(lr=1e-6, min_lr=1e-7, warmup_steps=2)
     else:
-        raise KeyError(f"unknown ppo config {arg!r}; expected tiny, real or real_llama2")
+        raise KeyError(f"unknown ppo config {arg!r}; expected tiny, real, real_llama2 or smollm2")
     return c

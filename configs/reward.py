@@ -23,10 +23,15 @@ ARG is one of:
     jaxllm reward --config configs/reward.py:real_helpful --config.data_root=../shared/data --config.run_dir=runs/shared
     jaxllm score --run runs/shared --stage reward_helpful --safety_stage reward_safety --safety_prompts --input ../shared/data/preference/hh_rlhf_harmless_base/test.jsonl
   (the same without `--safety_prompts` for the OASST and GSM8K test files). Measured: bench/RESULTS.md.
+- `smollm2`: a reward model on a published backbone: SmolLM2-135M-Instruct from the project's GGUF
+  (`../shared/models`) with a fresh scalar head, on the `real` 2:1:1 pairs in its ChatML template
+  (seq 256, 40 steps x 4 pairs, lr 1e-5), into `runs/smollm2` (stage `reward`).
+    jaxllm reward --config configs/reward.py:smollm2 --config.data_root=../shared/data
 """
 
 from jaxllm.train import reward
 
+SMOLLM2 = "gguf:../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # relative to the repository root
 REAL_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions")
 
 
@@ -68,7 +73,16 @@ def get_config(arg: str = "tiny"):
         c.data.seq_len = 512
         c.train.update(steps=300, batch_size=8, eval_every=100, log_every=20, eval_at_start=True)
         c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=20)
+    elif arg == "smollm2":
+        c.run_dir = "runs/smollm2"
+        c.init_from = SMOLLM2
+        c.data.sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/train.jsonl@{weight}"
+                                  for name, weight in zip(REAL_SETS, (2, 1, 1)))
+        c.data.eval_sources = ";".join(f"jsonl:{{data_root}}/preference/{name}/test.jsonl" for name in REAL_SETS)
+        c.data.seq_len = 256
+        c.train.update(steps=40, batch_size=4, eval_every=0, eval_batches=8, log_every=5, eval_at_start=True)
+        c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=5)
     else:
-        raise KeyError(f"unknown reward config {arg!r}; expected tiny, real, real_rankings, real_safety or "
-                       f"real_helpful")
+        raise KeyError(f"unknown reward config {arg!r}; expected tiny, real, real_rankings, real_safety, "
+                       f"real_helpful or smollm2")
     return c

@@ -14,6 +14,11 @@ Commands:
   generate    answer a JSONL prompt file: `jaxllm generate --run RUN_DIR --prompts FILE [--stage sft ...]`
   chat        interactive chat on stdin/stdout: `jaxllm chat --run RUN_DIR [--system TEXT]`
   score       reward-model scores of conversations / pairs: `jaxllm score --run RUN_DIR --input FILE`
+  export      a finished stage as a Hugging Face folder: `jaxllm export --run RUN_DIR --stage sft --output DIR`
+
+sample, generate, chat and score take `--model SPEC` instead of `--run`: a published checkpoint,
+`hf:DIR`, `hf:ORG/NAME[@REVISION]` or `gguf:FILE`. Training stages start from one with
+`--config.init_from=SPEC`.
 
 Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
 line naming the key, file or line, and exit with status 2.
@@ -29,7 +34,7 @@ from typing import Sequence
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
           "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
-COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score")
+COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score", "export")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -44,11 +49,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxllm import aot
     from jaxllm import config as config_lib
     from jaxllm import sharding
+    from jaxllm.data import chat
     from jaxllm.data import sources
+    from jaxllm.data import tokenizer
     from jaxllm.train import pretrain
 
+    # ConfigError covers loop.NonFiniteError (a diverged run); MissingPieceError: a tokenizer
+    # without jaxllm's role markers; ChatError: a chat template that cannot be built or used.
     return (config_lib.ConfigError, sharding.MeshError, sources.DataError, pretrain.VocabMismatchError,
-            FileNotFoundError, aot.TopologyError)
+            FileNotFoundError, aot.TopologyError, tokenizer.TokenizerError, tokenizer.MissingPieceError,
+            chat.ChatError)
 
 
 def _load(argv: Sequence[str], command: str):
@@ -93,25 +103,20 @@ def cmd_stage(command: str, argv: Sequence[str]) -> int:
 
 
 def cmd_sample(argv: Sequence[str]) -> int:
-    """Samples from the exported params of a stage of a run.
+    """Samples plain continuations (no chat template) from a finished stage or a published model.
 
     Span-corruption runs (T5, or a decoder-only prefix LM; `pretrain_t5.handles`) print the fill of
     each sentinel instead: a `--prompt` holding `<extra_id_k>` pieces is filled as written, other text
     is corrupted first (seeded by `--seed`); without `--prompt`, validation documents are.
     """
-    import jax
-    import flax.linen as nn
-
-    from jaxllm import checkpoint as ckpt_lib
     from jaxllm import config as config_lib
+    from jaxllm import inference
     from jaxllm import sampling
     from jaxllm.data import tokenizer as tokenizer_lib
-    from jaxllm.models import llama
     from jaxllm.train import pretrain_t5
 
     parser = argparse.ArgumentParser(prog="jaxllm sample")
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--stage", default="pretrain")
+    _model_flags(parser, stage="pretrain", stage_help="a finished stage")
     parser.add_argument("--prompt", action="append",
                         help="prompt text (repeatable); default: bos only (span corruption: validation documents)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -120,24 +125,44 @@ def cmd_sample(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    config = config_lib.load_json(os.path.join(args.run, args.stage, "config.json"))
-    tok = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(args.run) / "tokenizer.model")
-    if pretrain_t5.handles(config):
-        params = pretrain_t5.load_params(config, os.path.join(args.run, args.stage, "params"))
-        blocks = pretrain_t5.fill_sentinels(config, tok, params, args.prompt, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature or 0.0, seed=args.seed)
-        print("\n".join(blocks))
-        return 0
+    if args.run and not args.model:
+        config = config_lib.load_json(os.path.join(args.run, args.stage, "config.json"))
+        if pretrain_t5.handles(config):
+            tok = tokenizer_lib.load_tokenizer(config_lib.tokenizer_dir(args.run))
+            params = pretrain_t5.load_params(config, os.path.join(args.run, args.stage, "params"))
+            blocks = pretrain_t5.fill_sentinels(config, tok, params, args.prompt, max_new_tokens=args.max_new_tokens,
+                                                temperature=args.temperature or 0.0, seed=args.seed)
+            print("\n".join(blocks))
+            return 0
+    stage = inference.load(args.run, args.stage, args.model)
+    tok = stage.template.tokenizer
     temperature = 0.8 if args.temperature is None else args.temperature
-    model_config = llama.LlamaConfig.from_config(config.model)
-    abstract = nn.unbox(jax.eval_shape(lambda: llama.init(model_config, jax.random.key(0))))
-    params = ckpt_lib.load_params(os.path.join(args.run, args.stage, "params"), abstract)
+    inference.check_generation_args(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                                    beam_size=1, max_context=stage.max_context)
     prompts = args.prompt or [""]
-    outs = sampling.generate(model_config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
-                             max_new_tokens=args.max_new_tokens, temperature=temperature,
-                             eos_id=tok.eos_id, seed=args.seed, max_context=config.data.seq_len)
+    bos = [tok.bos_id] if getattr(tok, "add_bos", True) and tok.bos_id >= 0 else []
+    ids = [bos + tok.encode(p) for p in prompts]
+    if not all(ids):
+        raise config_lib.ConfigError("an empty --prompt needs a tokenizer with a bos token; give some text")
+    outs = sampling.generate(stage.model_config, stage.params, ids, max_new_tokens=args.max_new_tokens,
+                             temperature=temperature, eos_id=tok.eos_id, seed=args.seed, max_context=stage.max_context)
     for prompt, out in zip(prompts, outs):
         print(f"--- prompt: {prompt!r}\n{prompt}{tok.decode(out)}")
+    return 0
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    """Writes a finished stage as a Hugging Face model folder (`jaxllm.hub.export`)."""
+    from jaxllm.hub import export
+
+    parser = argparse.ArgumentParser(prog="jaxllm export")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--stage", required=True, help="a finished stage (sft, dpo, ppo, reward, pretrain ...)")
+    parser.add_argument("--output", required=True, help="the folder to write (replaced if it exists)")
+    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors files above this are sharded")
+    args = parser.parse_args(argv)
+    summary = export.export_stage(args.run, args.stage, args.output, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(summary)
     return 0
 
 
@@ -206,9 +231,15 @@ def cmd_compile(argv: Sequence[str]) -> int:
     return 0 if fit.fits else 1
 
 
+def _model_flags(parser: argparse.ArgumentParser, *, stage: str, stage_help: str) -> None:
+    parser.add_argument("--run", default="", help="run directory (with --stage), or give --model")
+    parser.add_argument("--stage", default=stage, help=stage_help)
+    parser.add_argument("--model", default="", help="instead of --run: a published checkpoint, hf:DIR, "
+                        "hf:ORG/NAME[@REVISION] or gguf:FILE (its own tokenizer and chat template)")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser, *, temperature: float) -> None:
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--stage", default="sft", help="a finished language-model stage (sft, dpo, ppo, pretrain)")
+    _model_flags(parser, stage="sft", stage_help="a finished language-model stage (sft, dpo, ppo, pretrain)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +274,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if args.batch_size < 1 or args.limit < 0:
         raise config_lib.ConfigError(f"need --batch_size >= 1 and --limit >= 0, got {args.batch_size}, {args.limit}")
     records = inference.read_prompts(args.prompts, args.limit)
-    stage = inference.load_stage(args.run, args.stage)
+    stage = inference.load(args.run, args.stage, args.model)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, beam_size=args.beam_size)
     inference.check_generation_args(**settings, max_context=stage.max_context)
@@ -289,7 +320,7 @@ def cmd_chat(argv: Sequence[str]) -> int:
     parser.add_argument("--system", default="", help="system message")
     parser.add_argument("--transcript", default="", help="append each turn to this JSONL file")
     args = parser.parse_args(argv)
-    stage = inference.load_stage(args.run, args.stage)
+    stage = inference.load(args.run, args.stage, args.model)
     inference.check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0,
                                     top_p=1.0, beam_size=1, max_context=stage.max_context)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -349,13 +380,12 @@ def cmd_score(argv: Sequence[str]) -> int:
     from jaxllm.data import preference_records
 
     parser = argparse.ArgumentParser(prog="jaxllm score")
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--stage", default="reward", help="a finished reward-model stage")
+    _model_flags(parser, stage="reward", stage_help="a finished reward-model stage")
     parser.add_argument("--input", required=True, help="JSONL conversations or preference records")
     parser.add_argument("--output", default="", help="default: RUN_DIR/<stage>/scores/<input stem>.jsonl")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--safety_stage", default="", help="a safety reward-model stage: combine it with --stage "
-                        "as Llama-2's R_c (Touvron et al. 2023, section 3.2.3)")
+    parser.add_argument("--safety_stage", default="", help="a safety reward-model stage (or an hf: checkpoint): "
+                        "combine it with --stage as Llama-2's R_c (Touvron et al. 2023, section 3.2.3)")
     parser.add_argument("--safety_prompts", action="store_true",
                         help="with --safety_stage: every prompt without its own `is_safety` is a safety prompt")
     parser.add_argument("--safety_threshold", type=float, default=0.15,
@@ -370,10 +400,11 @@ def cmd_score(argv: Sequence[str]) -> int:
     stats = preference_records.PreferenceStats()
     records = inference.read_scoring_records(args.input, stats)
     groups = [g for *_, g in records]
-    stage = inference.load_stage(args.run, args.stage, head="scalar")
+    stage = inference.load(args.run, args.stage, args.model, head="scalar")
     rewards, truncated = inference.score_groups(stage, groups, batch_size=args.batch_size)
     if args.safety_stage:
-        safety = inference.load_stage(args.run, args.safety_stage, head="scalar")
+        safety = (inference.load_model(args.safety_stage, head="scalar") if ":" in args.safety_stage
+                  else inference.load_stage(args.run, args.safety_stage, head="scalar"))
         safety_rewards, safety_truncated = inference.score_groups(safety, groups, batch_size=args.batch_size)
         flags = [args.safety_prompts if g["is_safety"] is None else g["is_safety"] for g in groups]
         sizes = [len(r) for r in rewards]
@@ -429,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in STAGES:
             return cmd_stage(command, rest)
         handlers = {"pipeline": cmd_pipeline, "tokenizer": cmd_tokenizer, "eval": cmd_eval, "sample": cmd_sample,
-                    "compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat, "score": cmd_score}
+                    "compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat, "score": cmd_score,
+                    "export": cmd_export}
         return handlers[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)

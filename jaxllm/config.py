@@ -8,13 +8,15 @@ exist fails with the key's name (and the closest existing keys).
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
@@ -180,14 +182,47 @@ def from_dict(data: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data).lock()
 
 
-def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
-    """Writes the resolved config as JSON atomically."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a temporary path beside `path` to write a file or a directory to; renames it to `path`
+    when the block succeeds and removes it when the block raises, so readers see the old content
+    or the new, never a part, and a failure leaves no temporary behind.
+
+    The temporary name is `.tmp-<random>-<name>`: unique per writer (every host of a multi-host run
+    may write the same file) and ending like `path`, so `np.save` adds no suffix. A file replaces
+    the old one (`os.replace`). A directory cannot replace a non-empty one: when `path` already is a
+    directory (a concurrent writer of the same cache entry finished first), it is kept and the new
+    one discarded.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary name per writer: every host of a multi-host run writes the same file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield tmp
+        if tmp.is_dir():
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not path.is_dir():
+                    raise
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes `data` (str as UTF-8) to `path` atomically, creating parent directories (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
+    """Writes the resolved config as JSON atomically."""
+    write_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -217,7 +252,8 @@ def tokenizer_dir(run_dir: str | os.PathLike) -> pathlib.Path:
 # remat_policy, attention_impl) stay the stage's own.
 MODEL_SHAPE_KEYS = ("family", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias",
-                    "scan_layers", "param_dtype")
+                    "scan_layers", "param_dtype", "architecture", "rope_scaling", "rope_scaling_factor",
+                    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position")
 
 
 def inherit_model_shape(config: ml_collections.ConfigDict, source_stage_dir: str | os.PathLike) -> None:

@@ -6,7 +6,8 @@ on held-out prompts: the mean reward under the run's reward model, the win rate 
 it (ties count half), the KL to SFT, the mean response length and the missing-eos rate, plus a few
 generations side by side.
 
-Responses are sampled at `eval.temperature` with a fixed seed, so the report is a pure function
+Responses are sampled at `eval.temperature` with a fixed seed (prompt batch `k` with
+`fold_in(key(eval.seed), k)`, so batches draw independent noise), so the report is a pure function
 of the run's params: rerunning `jaxllm eval` (or a killed and resumed pipeline) gives the same
 report. The KL to SFT is `mean over prompts of sum_t [log pi(y_t) - log pi_SFT(y_t)]` on the
 policy's own samples (the k1 estimator, unbiased), both with logits divided by the temperature.
@@ -84,7 +85,7 @@ def _policy_eval(model_config, policies: dict[str, Any], reward_params, prompts_
                                                  "tokens": []} for name in policies}
     prompt_tokens_all = []
     seen = 0
-    for batch in prompts_ds:
+    for batch_index, batch in enumerate(prompts_ds):
         valid = batch["prompt_mask"] > 0
         if c.num_prompts:
             valid &= np.arange(len(valid)) + seen < c.num_prompts
@@ -95,7 +96,8 @@ def _policy_eval(model_config, policies: dict[str, Any], reward_params, prompts_
             prompt_tokens_all.append(batch["prompt_tokens"][i, -batch["prompt_lengths"][i]:])
         for name, params in policies.items():
             out = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_lengths"],
-                                  jax.random.key(c.seed), max_new_tokens=c.max_new_tokens,
+                                  jax.random.fold_in(jax.random.key(c.seed), batch_index),
+                                  max_new_tokens=c.max_new_tokens,
                                   temperature=c.temperature, stop_ids=stop_ids, max_context=max_context,
                                   pad_id=pad_id)
             with sharding.activate(mesh, rules):
@@ -141,8 +143,8 @@ def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh
     mesh_config = mesh_config or sft_config.mesh
     mesh = sharding.make_mesh(mesh_config)
     rules = mesh_config.rules
-    tokenizer = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(run_dir) / "tokenizer.model")
-    template = chat.ChatTemplate(tokenizer)
+    tokenizer = tokenizer_lib.load_tokenizer(config_lib.tokenizer_dir(run_dir))
+    template = chat.template_for(tokenizer)
     if "reward" in report["stages"]:
         lm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r), mesh, rules)
         rm_abstract = loop.abstract_params(lambda r: llama.init(model_config, r, head="scalar"), mesh, rules)
@@ -177,7 +179,9 @@ def _fmt(v: Any) -> str:
 
 def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
     """Writes `report.json` and a Markdown rendering `report.md` into `run_dir`."""
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    # Each file is replaced atomically (a crash leaves the previous report); NaN is written as null.
+    config_lib.write_atomic(run_dir / "report.json",
+                            json.dumps(metrics_lib.finite_or_none(report), indent=2, sort_keys=True) + "\n")
     lines = [f"# jaxllm report: {run_dir.name}", ""]
     if "policies" in report:
         lines += ["## Policies on held-out prompts (reward model of this run)", "",
@@ -206,5 +210,5 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
             for name, text in sample.items():
                 if name != "prompt":
                     lines.append(f"**{name}**:\n\n```\n{text}\n```\n")
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    config_lib.write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     logging.info("wrote %s", run_dir / "report.md")

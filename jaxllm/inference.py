@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -125,8 +124,7 @@ def load_stage(run_dir: str | pathlib.Path, stage: str, *, head: str = "lm",
         raise config_lib.ConfigError(f"{stage_dir}: model.family={config.model.family!r}; inference "
                                      "supports decoder-only llama models")
     markers = tokenizer_lib.role_markers(config.tokenizer) if "tokenizer" in config else None
-    tokenizer = tokenizer_lib.Tokenizer.load(config_lib.tokenizer_dir(run_dir) / tokenizer_lib.TOKENIZER_FILE,
-                                             markers)
+    tokenizer = tokenizer_lib.load_tokenizer(config_lib.tokenizer_dir(run_dir), markers)
     model_config = llama.LlamaConfig.from_config(config.model)
     rules = config.mesh.rules if "mesh" in config else sharding.DEFAULT_RULES
     mesh = mesh or sharding.make_mesh(sharding.default_config())
@@ -137,8 +135,55 @@ def load_stage(run_dir: str | pathlib.Path, stage: str, *, head: str = "lm",
         need = ("a reward-model stage (scalar head), e.g. --stage reward" if head == "scalar" else
                 "a language-model stage (pretrain, sft, dpo, ppo); reward models are for `jaxllm score`")
         raise config_lib.ConfigError(f"{e}; this command needs {need}") from None
-    return LoadedStage(run_dir, stage, config, model_config, params, chat.ChatTemplate(tokenizer), mesh, rules,
+    return LoadedStage(run_dir, stage, config, model_config, params, chat.template_for(tokenizer), mesh, rules,
                        int(config.data.seq_len))
+
+
+DEFAULT_MAX_CONTEXT = 4096  # context of a checkpoint whose config names none
+
+
+def load_model(text: str, *, head: str = "lm", mesh: jax.sharding.Mesh | None = None) -> LoadedStage:
+    """Loads a published checkpoint for inference: `hf:DIR`, `hf:ORG/NAME[@REV]` or `gguf:FILE`.
+
+    The model config, tokenizer and chat template are the checkpoint's own (`jaxllm.hub.spec`); the
+    context is its `max_position_embeddings` (`DEFAULT_MAX_CONTEXT` when absent). `run_dir` is
+    `runs/models/<file or folder name>`, where commands write their default outputs.
+
+    Raises:
+      HubError: a spec that is not `hf:` / `gguf:`, or a checkpoint that cannot be read (naming it).
+    """
+    from jaxllm.hub import HubError  # noqa: PLC0415
+    from jaxllm.hub import spec as hub_spec  # noqa: PLC0415
+
+    spec = hub_spec.parse(text)
+    if not spec.external:
+        raise HubError(f"--model {text!r}: expected hf:DIR, hf:ORG/NAME[@REVISION] or gguf:FILE "
+                       "(a stage of a run is --run RUN_DIR --stage STAGE)")
+    config = ml_collections.ConfigDict({"model": llama.default_config(), "mesh": sharding.default_config()})
+    reader = hub_spec.configure_from(config, text)
+    if hub_spec.family(reader) != "llama":
+        raise HubError(f"{spec}: a {reader.config.get('model_type')!r} model; generate, chat, sample and score "
+                       "take decoder-only (llama-family) models")
+    model_config = llama.LlamaConfig.from_config(config.model)
+    tokenizer = hub_spec.load_tokenizer(spec)
+    mesh = mesh or sharding.make_mesh(sharding.default_config())
+    rules = config.mesh.rules
+    params = hub_spec.params_loader(reader, model_config, mesh, rules, head=head)(None)
+    max_context = int(reader.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
+    name = pathlib.Path(spec.value.rstrip("/")).name or "model"
+    return LoadedStage(pathlib.Path("runs") / "models" / name, "", config, model_config, params,
+                       chat.template_for(tokenizer), mesh, rules, max_context)
+
+
+def load(run_dir: str | None, stage: str, model: str | None, *, head: str = "lm") -> LoadedStage:
+    """`load_model(model)` when a model spec is given, else `load_stage(run_dir, stage)`.
+
+    Raises:
+      ConfigError: neither or both of a run and a model.
+    """
+    if bool(model) == bool(run_dir):
+        raise config_lib.ConfigError("give either --run RUN_DIR (with --stage) or --model SPEC")
+    return load_model(model, head=head) if model else load_stage(run_dir, stage, head=head)
 
 
 def check_generation_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -277,11 +322,7 @@ def read_prompts(path: str | pathlib.Path, limit: int = 0) -> list[tuple[Any, li
 
 def write_jsonl(path: str | pathlib.Path, rows: Sequence[dict]) -> None:
     """Writes one JSON object per line to `path` atomically (parent directories are created)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    config_lib.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_scoring_records(path: str | pathlib.Path,

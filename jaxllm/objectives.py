@@ -121,20 +121,27 @@ def combined_reward(safety_rewards: jax.Array, helpful_rewards: jax.Array, is_sa
 
 
 def ranking_reward_loss(
-    rewards: jax.Array, ranks: jax.Array, response_mask: jax.Array
+    rewards: jax.Array, ranks: jax.Array, response_mask: jax.Array, *, margin: jax.Array | None = None,
+    center_coef: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """InstructGPT's K-wise ranking loss, summed over groups.
 
     For a prompt with K ranked responses (rank 0 = best; equal ranks are ties), every ordered pair
-    `(i, j)` with `rank_i < rank_j` contributes `-log sigmoid(r_i - r_j)`, and the group's sum is
-    weighted by `1 / C(K, 2)` (Ouyang et al. 2022, eq. 1), so each prompt counts once however
-    many responses it has. Tied pairs contribute nothing but still count in `C(K, 2)`. Every
-    response is scored once, by the caller.
+    `(i, j)` with `rank_i < rank_j` contributes `-log sigmoid(r_i - r_j - m_g)`, and the group's
+    sum is weighted by `1 / C(K, 2)` (Ouyang et al. 2022, eq. 1), so each prompt counts once
+    however many responses it has. Tied pairs contribute nothing but still count in `C(K, 2)`.
+    `m_g` is the group's Llama-2 margin (Touvron et al. 2023, eq. 2; a record carries one per
+    group, so it applies to each of the group's ordered pairs; 0 when absent). Reward centering
+    adds `center_coef * (2 * mean_k r_k)^2` per group (Eisenstein et al. 2023). For a pair both
+    equal `pairwise_reward_loss`: `-log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2`.
+    Every response is scored once, by the caller.
 
     Args:
       rewards: `[groups, K]` float rewards.
       ranks: `[groups, K]` int ranks (lower is better).
       response_mask: `[groups, K]` float, 1 for real responses, 0 for padding slots.
+      margin: `[groups]` float, or None (no margins).
+      center_coef: weight of the centering term.
 
     Returns:
       `(loss_sum, sums)`: the loss summed over groups with at least one ordered pair; `count` is
@@ -149,7 +156,10 @@ def ranking_reward_loss(
     k = jnp.sum(valid, axis=1)
     num_pairs = k * (k - 1) / 2.0
     has_pairs = (jnp.sum(better, axis=(1, 2)) > 0).astype(jnp.float32)
-    group_loss = jnp.sum(-jax.nn.log_sigmoid(diff) * better, axis=(1, 2)) / jnp.maximum(num_pairs, 1.0)
+    shifted = diff if margin is None else diff - margin.astype(jnp.float32)[:, None, None]
+    group_loss = jnp.sum(-jax.nn.log_sigmoid(shifted) * better, axis=(1, 2)) / jnp.maximum(num_pairs, 1.0)
+    if center_coef:
+        group_loss = group_loss + center_coef * jnp.square(2.0 * jnp.sum(r * valid, axis=1) / jnp.maximum(k, 1.0))
     sums = {
         "count": jnp.sum(has_pairs),
         "pairs": jnp.sum(better),

@@ -33,3 +33,16 @@ def shared_data() -> pathlib.Path:
     if not (SHARED_DATA / "README.md").exists():
         pytest.skip(f"shared data bundle not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+SHARED_MODELS = REPO.parent / "shared" / "models"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def shared_models() -> pathlib.Path:
+    """`../shared/models` (real pretrained weights, see its README.md), or a skip when this
+    checkout has no SmolLM2 GGUF beside it."""
+    if not (SHARED_MODELS / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"{SHARED_MODELS / SMOLLM2_GGUF} not found (the shared model bundle)")
+    return SHARED_MODELS

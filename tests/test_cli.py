@@ -312,6 +312,34 @@ def case_sample_without_a_run(tmp, corpus):
     return ["sample", "--run", str(tmp / "norun")], [str(tmp / "norun")]
 
 
+def case_not_a_sentencepiece_model(tmp, corpus):
+    bogus = tmp / "bogus.model"
+    bogus.write_text("this is a text file, not a SentencePiece model\n")
+    return (["tokenizer", "--config", SMALL, f"--config.run_dir={tmp / 'run'}",
+             f"--config.tokenizer.model_path={bogus}"], [str(bogus), "not a SentencePiece model"])
+
+
+def case_tokenizer_without_role_markers(tmp, corpus):
+    """SFT with an external SentencePiece model that has no <|user|> ... pieces (MissingPieceError)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(input=str(corpus / "train.txt"), model_prefix=str(tmp / "plain"), vocab_size=60,
+                                   model_type="char", hard_vocab_limit=False, minloglevel=2)
+    conversations = tmp / "chat.jsonl"
+    conversations.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "hello"}]}) + "\n")
+    return (["sft", "--config", "configs/sft.py:tiny", f"--config.run_dir={tmp / 'run'}", "--config.init_from=",
+             "--config.stdlib_tasks=false", f"--config.data.sources=jsonl:{conversations}",
+             "--config.data.eval_sources=",
+             f"--config.tokenizer.model_path={tmp / 'plain.model'}"], ["has no piece for the", "marker"])
+
+
+def case_diverging_loss(tmp, corpus):
+    """An infinite learning rate: every update is non-finite and skipped; 3 in a row stop the run."""
+    return (_pretrain(tmp, corpus, "--config.optimizer.lr=inf", "--config.train.max_nonfinite_steps=3"),
+            ["pretrain", "3 steps in a row", "non-finite", "train.max_nonfinite_steps=3"])
+
+
 BAD_INPUTS = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -335,6 +363,20 @@ def test_bad_input_fails_with_one_clear_line(bad_input_results, name):
     msg = error_line(proc, argv[0])
     for text in expected:
         assert text in msg, (text, msg)
+
+
+def test_a_diverged_run_exports_nothing(bad_input_results):
+    """The stopped run leaves no params/, done.json or checkpoint, and metrics.jsonl is strict JSON."""
+    stage_dir = bad_input_results["diverging_loss"][0] / "run" / "pretrain"
+    assert not (stage_dir / "params").exists() and not (stage_dir / "done.json").exists()
+    assert not [p for p in (stage_dir / "checkpoints").glob("*") if p.name.isdigit()]
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in metrics.jsonl")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["nonfinite_steps"] == 1 for r in train)
 
 
 def test_config_errors_write_nothing(bad_input_results):

@@ -227,7 +227,7 @@ def test_save_load_json_round_trip(tmp_path):
     path = tmp_path / "nested" / "config.json"
     config_lib.save_json(c, path)
     assert json.loads(path.read_text())["train"]["steps"] == 17
-    assert not list(path.parent.glob("*.tmp"))  # written atomically, no leftovers
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # written atomically, no leftovers
     loaded = config_lib.load_json(path)
     assert config_lib.to_dict(loaded) == config_lib.to_dict(c)
     assert loaded.train.steps == 17 and list(loaded.mesh.shape) == [1, 2, 4]

@@ -1,10 +1,14 @@
-"""The generic loop's step: gradient accumulation equals the big batch; microbatch split; schedule."""
+"""The generic loop's step: gradient accumulation equals the big batch; microbatch split; schedule;
+non-finite steps are skipped, counted and stop the run; a crash after the export is finished by a rerun."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import config as config_lib, sharding
 from jaxllm.train import loop, optim
 from test_sharding import small_config, synthetic_batches, train
 
@@ -121,3 +125,135 @@ def test_adafactor_trains_sharded_with_replicated_factored_statistics():
     assert losses[-1] < losses[0]
     shapes = {tuple(x.shape): x.sharding.spec for x in jax.tree.leaves(state.opt_state) if x.ndim == 1}
     assert (256,) in shapes or (128,) in shapes  # row / column statistics of factored matrices exist
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses and the end-of-stage hand-off (issue 20)
+# ---------------------------------------------------------------------------------------------
+
+
+def poisoned_stage(config, batches, eval_batches=None):
+    """The LM stage of `make_stage` on fixed batches; a batch whose `poison` is 1 has a NaN loss
+    (with zero gradients), 2 a finite loss with NaN gradients."""
+    import grain
+    from jaxllm.models import llama
+    from jaxllm.train import pretrain
+
+    model = llama.LlamaConfig.from_config(config.model)
+    lm_loss = pretrain.lm_loss_fn(model)
+
+    def loss_fn(params, batch, rng):
+        poison = jnp.max(batch["poison"])
+        loss_sum, sums = lm_loss(params, {k: v for k, v in batch.items() if k != "poison"}, rng)
+
+        def grad_only(p):  # value 0, gradient NaN
+            s = jnp.sum(p["final_norm"]["scale"])
+            return jnp.sqrt(jnp.square(s - jax.lax.stop_gradient(s)))
+
+        # `cond` differentiates the taken branch only (a `where` would spread the NaN gradients).
+        loss_sum = loss_sum + jax.lax.cond(poison == 2, grad_only, lambda p: 0.0, params)
+        return jnp.where(poison == 1, jnp.nan, loss_sum), sums
+
+    def source(rows):
+        return None if rows is None else grain.MapDataset.source(rows)
+
+    return loop.Stage(name="pretrain", init_params=lambda rng: llama.init(model, rng), loss_fn=loss_fn,
+                      train_data=source(batches), eval_data=source(eval_batches), tokens_per_step=1)
+
+
+def poisoned_batches(n, batch_size, poison=()):
+    batches = synthetic_batches(n, batch_size, seed=5)
+    for i, batch in enumerate(batches):
+        batch["poison"] = np.full((batch_size,), dict(poison).get(i, 0), np.int32)
+    return batches
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+    config = small_config((1, 1, 1), batch_size=4)
+    batches = poisoned_batches(5, 4, poison={2: 1, 3: 2})
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    compiled = loop.compile_stage(config, poisoned_stage(config, batches), mesh)
+    with sharding.activate(mesh, config.mesh.rules):
+        state = compiled.init_state()
+        before, flags = [], []
+        for batch in batches:
+            before.append(jax.device_get(state))  # the step donates the state
+            state, metrics = compiled.train_step(state, sharding.global_batch(batch, mesh, config.mesh.rules))
+            flags.append(float(metrics["nonfinite"]))
+            assert int(state.step) == len(before)
+        after = jax.device_get(state)
+    assert flags == [0.0, 0.0, 1.0, 1.0, 0.0]
+    states = before[1:] + [after]
+    same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b))  # noqa: E731
+    # Steps 2 and 3 (NaN loss; finite loss with NaN gradients) are skipped: params and optimizer
+    # state stay exactly as they were. Steps 1 and 4 update them (step 0 has learning rate 0).
+    for i, skipped in enumerate([False, False, True, True, False]):
+        assert same(before[i].params, states[i].params) == (skipped or i == 0), i
+        assert same(before[i].opt_state, states[i].opt_state) == skipped, i
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
+
+
+def strict_rows(path):
+    """metrics.jsonl rows, parsed as strict JSON (a bare NaN or Infinity fails)."""
+    def refuse(name):
+        raise ValueError(f"{path}: bare {name} in metrics.jsonl")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def stage_run_config(tmp_path, steps, **train):
+    config = small_config((1, 1, 1), batch_size=4, steps=steps)
+    config.run_dir = str(tmp_path / "run")
+    config.train.update(progress_bar=False, eval_every=0, **train)
+    config.checkpoint.update(every_steps=4, every_minutes=0.0, async_save=False)
+    return config
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_without_a_hand_off(tmp_path):
+    """One bad step is skipped and counted; `train.max_nonfinite_steps` bad steps in a row stop
+    the run with a one-line error, before any checkpoint, export or done.json of that state."""
+    config = stage_run_config(tmp_path, steps=12, log_every=2, max_nonfinite_steps=3)
+    bad = {1: 1, 5: 2, 6: 1, 7: 1}  # 0-based batches: step 2 alone, then steps 6, 7, 8 in a row
+    batches = poisoned_batches(12, 4, poison=bad)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    with pytest.raises(loop.NonFiniteError, match="max_nonfinite_steps") as info:
+        loop.run(config, poisoned_stage(config, batches), mesh)
+    assert isinstance(info.value, config_lib.ConfigError) and "\n" not in str(info.value)
+    assert "steps 6-8" in str(info.value), str(info.value)
+    stage_dir = tmp_path / "run" / "pretrain"
+    assert not (stage_dir / "params").exists() and not (stage_dir / "done.json").exists()
+    saved = sorted(int(p.name) for p in (stage_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [4]  # every 4 steps, but not at the stop (step 8)
+    rows = strict_rows(stage_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert [r["nonfinite_steps"] for r in rows] == [1, 0, 1, 2]
+    assert rows[3]["loss"] is None  # only skipped steps: no value
+    assert all(isinstance(r["loss"], float) for r in rows[:3])  # the applied steps of each window
+
+
+def test_a_crash_after_export_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    """`export_params` done but no done.json (a crash in between): the rerun, at start == steps,
+    writes done.json with the final evaluation, without a second eval row."""
+    from jaxllm import checkpoint as ckpt_lib
+
+    config = stage_run_config(tmp_path, steps=3, log_every=1)
+    batches, evals = poisoned_batches(3, 4), poisoned_batches(1, 4)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    export = ckpt_lib.export_params
+
+    def export_then_crash(directory, params):
+        export(directory, params)
+        raise RuntimeError("crash after export")
+
+    monkeypatch.setattr(ckpt_lib, "export_params", export_then_crash)
+    with pytest.raises(RuntimeError, match="crash after export"):
+        loop.run(config, poisoned_stage(config, batches, evals), mesh)
+    stage_dir = tmp_path / "run" / "pretrain"
+    assert (stage_dir / "params").is_dir() and not (stage_dir / "done.json").exists()
+    monkeypatch.setattr(ckpt_lib, "export_params", export)
+    result = loop.run(config, poisoned_stage(config, batches, evals), mesh)
+    done = json.loads((stage_dir / "done.json").read_text())
+    assert done["step"] == 3 and set(done["eval"]) == {"eval/loss"}
+    assert done["eval"] == result.eval_metrics
+    evals_rows = [r for r in strict_rows(stage_dir / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in evals_rows] == [3] and evals_rows[0]["eval/loss"] == done["eval"]["eval/loss"]

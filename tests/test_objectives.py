@@ -92,6 +92,50 @@ def test_ranking_two_responses_is_pairwise():
     assert float(loss) == pytest.approx(float(pair), rel=1e-6)
 
 
+def ranking_reference_with_margin(rewards, ranks, mask, margins, center_coef):
+    """Float64 enumeration: each ordered pair (i better than j) of group g adds
+    `-log sigmoid(r_i - r_j - m_g)`, averaged over the group's C(k, 2) pairs, plus
+    `center_coef * (2 * mean of the group's rewards)^2` (a pair: `(r_c + r_r)^2`)."""
+    total = 0.0
+    for r, k, m, margin in zip(rewards, ranks, mask, margins):
+        idx = [i for i in range(len(r)) if m[i]]
+        pairs = list(itertools.combinations(idx, 2))
+        ordered = [(i, j) if k[i] < k[j] else (j, i) for i, j in pairs if k[i] != k[j]]
+        if not ordered:
+            continue
+        total += sum(softplus_neg(float(r[i]) - float(r[j]) - float(margin)) for i, j in ordered) / len(pairs)
+        total += center_coef * (2.0 * sum(float(r[i]) for i in idx) / len(idx)) ** 2
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranking_loss_with_margins_and_centering_equals_enumeration(seed):
+    rng = np.random.default_rng(10 + seed)
+    groups, kmax = 8, 5
+    rewards = rng.standard_normal((groups, kmax)) * 2
+    ranks = rng.integers(0, 3, (groups, kmax))
+    sizes = rng.integers(2, kmax + 1, groups)
+    mask = (np.arange(kmax)[None] < sizes[:, None]).astype(np.float64)
+    margins = np.where(rng.random(groups) < 0.5, rng.uniform(0.0, 3.0, groups), 0.0)  # absent: 0
+    loss, sums = objectives.ranking_reward_loss(jnp.asarray(rewards, jnp.float32), jnp.asarray(ranks),
+                                                jnp.asarray(mask, jnp.float32),
+                                                margin=jnp.asarray(margins, jnp.float32), center_coef=0.3)
+    assert float(loss) == pytest.approx(ranking_reference_with_margin(rewards, ranks, mask, margins, 0.3), rel=1e-5)
+    plain, _ = objectives.ranking_reward_loss(jnp.asarray(rewards, jnp.float32), jnp.asarray(ranks),
+                                              jnp.asarray(mask, jnp.float32))
+    want, groups_with_pairs = ranking_reference(rewards, ranks, mask)
+    assert float(plain) == pytest.approx(want, rel=1e-5) and float(sums["count"]) == groups_with_pairs
+
+
+def test_ranking_two_responses_with_margin_and_centering_is_llama2_pairwise():
+    rc, rr = jnp.array([0.3, -1.0, 2.0]), jnp.array([0.1, 0.4, -0.5])
+    margin = jnp.array([1.0, 0.0, 2.5])
+    loss, _ = objectives.ranking_reward_loss(jnp.stack([rc, rr], 1), jnp.zeros((3, 2), jnp.int32).at[:, 1].set(1),
+                                             jnp.ones((3, 2)), margin=margin, center_coef=0.05)
+    pair, _ = objectives.pairwise_reward_loss(rc, rr, margin=margin, center_coef=0.05)
+    assert float(loss) == pytest.approx(float(pair), rel=1e-6)
+
+
 def test_dpo_family_hand_computed():
     args = tuple(jnp.array([v]) for v in (-10.0, -12.0, -11.0, -11.0))  # h = 1 - (-1) = 2
     beta = 0.1

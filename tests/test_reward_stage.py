@@ -9,6 +9,10 @@
   one group per row.
 - DPO at step 0: the policy is the reference, so every log-ratio is 0, the sigmoid loss is log 2
   and the implicit rewards and margins are 0 (through the reference table and the loss fn).
+- K = 3 ranked groups with Llama-2 margins and reward centering: the first step's loss against a
+  float64 enumeration.
+- The DPO reference cache is keyed by the reference params' values (a mesh-independent
+  fingerprint) and the rendered data: new SFT params or another seq_len recompute it.
 """
 
 import json
@@ -156,6 +160,54 @@ def test_reward_stage_first_step_metrics(run):
     np.testing.assert_allclose(row["margin"], row["rewards/chosen"] - row["rewards/rejected"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_reward_stage_ranked_groups_with_margins_and_centering(run, tmp_path):
+    """K = 3 (InstructGPT's ranking loss) with Llama-2 margins on some groups, ties, 2-response
+    groups and `center_coef`: the first step's logged loss and accuracy equal a float64
+    enumeration over the first batch's ordered pairs (`test_objectives`)."""
+    from test_objectives import ranking_reference_with_margin
+
+    root, tok, model_config, _, _ = run
+    answers = ["yes", "no", "maybe later", "the answer is 4", "I do not know", "sure!"]
+    records = []
+    for i in range(8):
+        k = 3 if i % 2 == 0 else 2
+        responses = [answers[(i + j) % 6] + "!" * j for j in range(k)]
+        ranks = [0, 1, 1] if i % 4 == 2 else list(range(k))
+        record = {"prompt": [{"role": "user", "content": f"question {i}?"}], "responses": responses, "ranks": ranks}
+        if i % 3 != 1:
+            record["margin"] = 0.5 + i / 4
+        records.append(record)
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = stage_config(reward, tmp_path / "run", path)
+    config.init_run_dir = str(root)  # the SFT params of the shared run
+    config.data.max_responses = 3
+    config.center_coef = 0.1
+    mesh = one_device_mesh(config)
+    loop.run(config, reward.build_stage(config, tok, mesh), mesh)
+
+    (row,) = [r for r in metrics_lib.read_metrics(tmp_path / "run" / "reward") if "loss" in r]
+    assert row["learning_rate"] == 0.0  # the exported params produced the logged metrics
+    abstract = nn.unbox(jax.eval_shape(lambda: reward.init_scalar_params(model_config, jax.random.key(0))))
+    params = ckpt_lib.load_params(tmp_path / "run" / "reward" / "params", abstract)
+    batch = preference.preference_dataset(config.data, tok, split="train", global_batch_size=4, seed=config.seed,
+                                          cache_dir=lm.resolve_cache_dir(config.data, tmp_path / "run"))[0]
+    mask = batch["response_mask"]
+    assert sorted(mask.sum(axis=1).tolist()) != [3.0] * 4 and batch["has_margin"].any()  # mixed K, margins
+    cells = [(g, k) for g in range(4) for k in range(3) if mask[g, k]]
+    scores = reference_rewards(model_config, params, [batch["inputs"][g, k, :batch["lengths"][g, k]] for g, k in cells])
+    rewards = np.zeros((4, 3))
+    for (g, k), r in zip(cells, scores):
+        rewards[g, k] = r
+    margins = batch["margin"] * batch["has_margin"]
+    want = ranking_reference_with_margin(rewards, batch["ranks"], mask, margins, 0.1) / 4  # 4 groups with pairs
+    np.testing.assert_allclose(row["loss"], want, rtol=1e-5)
+    ordered = [(rewards[g, i] > rewards[g, j]) for g in range(4) for i in range(3) for j in range(3)
+               if mask[g, i] and mask[g, j] and batch["ranks"][g, i] < batch["ranks"][g, j]]
+    assert row["accuracy"] == pytest.approx(np.mean(ordered))
+
+
 def test_preference_batches_put_the_last_token_at_lengths_minus_one(run):
     root, tok, _, _, path = run
     config = stage_config(reward, root, path)
@@ -267,3 +319,67 @@ def test_dpo_reference_covers_the_visited_groups_and_extends_its_cache(run, tmp_
     data = dpo.with_reference(preference.batch_groups(groups, global_batch_size=4), again)
     for s in range(2):
         assert np.isfinite(data[s]["ref_logps"]).all()
+
+
+def test_dpo_reference_cache_is_recomputed_for_new_params_or_rendering(run, tmp_path):
+    """The cached reference log-probs belong to one reference model and one rendering of the data:
+    new SFT params, or a seq_len that cuts prompts differently (same number of groups), recompute
+    them; an unchanged rerun reuses them."""
+    from test_inference import make_run, random_params
+
+    _, _, _, _, path = run
+    root = tmp_path / "run"
+    tok, model_config, params = make_run(root, stages=("sft",))
+    logps = jax.jit(lambda p, b: dpo.group_logps(model_config, p, b))
+
+    def first_batches(sft_params, seq_len):
+        config = stage_config(dpo, root, path)
+        config.data.seq_len = seq_len
+        config.sample.prompts = ()
+        mesh = one_device_mesh(config)
+        stage = dpo.build_stage(config, tok, mesh)
+        batch = stage.train_data[0]  # the steps x batch rows the table was made for
+        used = batch["response_mask"].all(axis=1)
+        return [(batch["ref_logps"][used], np.asarray(logps(sft_params, batch))[used])]
+
+    def check(pairs, stale=None):
+        for k, (got, want) in enumerate(pairs):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            if stale is not None:  # the stale table would fail the check above
+                assert np.abs(stale[k][0] - want).max() > 1e-2
+
+    before = first_batches(params["sft"], 48)
+    check(before)
+    mtime = (root / "dpo" / "reference").stat().st_mtime_ns
+    check(first_batches(params["sft"], 48))  # unchanged: reused
+    assert (root / "dpo" / "reference").stat().st_mtime_ns == mtime
+
+    new_params = random_params(model_config, "lm", 7, tok.unk_id, tok.role_id("end_of_turn"))
+    ckpt_lib.export_params(root / "sft" / "params", new_params)  # SFT rerun with other results
+    after = first_batches(new_params, 48)
+    check(after, stale=before)
+
+    cut = first_batches(new_params, 32)  # the same 12 groups, long prompts cut to fit 32 tokens
+    check(cut, stale=after)
+
+
+def test_params_fingerprint_ignores_the_mesh_and_sees_one_element(run):
+    """The reference key's params fingerprint: equal for the same values on any mesh (exact
+    integer sums), different when one element of one leaf changes by one ulp."""
+    from jaxllm.models import llama
+
+    _, _, model_config, sft_params, _ = run
+
+    def on(shape, params):
+        c = sharding.default_config()
+        c.shape = shape
+        mesh = sharding.make_mesh(c, jax.devices()[:int(np.prod(shape))])
+        abstract = loop.abstract_params(lambda r: llama.init(model_config, r), mesh, c.rules)
+        return dpo.params_fingerprint(jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract), mesh)
+
+    one = on((1, 1, 1), sft_params)
+    assert on((1, 8, 1), sft_params) == one and on((2, 2, 2), sft_params) == one
+    nudged = jax.tree.map(np.array, sft_params)
+    leaf = jax.tree.leaves(nudged)[-1]
+    leaf.flat[7] = np.nextafter(leaf.flat[7], np.float32(np.inf))
+    assert on((1, 1, 1), nudged) != one

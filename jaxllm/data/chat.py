@@ -42,13 +42,11 @@ precedes the first supervised token of the next assistant turn. Generation stops
 model that starts the next turn without closing its own).
 
 **Other templates.** The datasets and samplers use only `render` / `render_batch`, `prompt`,
-`decode_response`, `stop_ids`, `fingerprint` and `tokenizer`. A Hugging Face jinja
-`chat_template` slots in as another class with the same members: `render` from `tokenizer.apply_chat_template(messages, tokenize=True,
-return_dict=True, return_assistant_tokens_mask=True)` (templates with `{% generation %}` blocks;
-for others, the mask from rendering each prefix that ends before an assistant turn and marking
-the tokens that differ), `prompt` from `apply_chat_template(..., add_generation_prompt=True)`,
-`stop_ids` from the template's eos / end-of-turn tokens, and `fingerprint` as a hash of the
-template source. Validation (`validate_messages`) is shared.
+`decode_response`, `stop_ids`, `fingerprint` and `tokenizer`. A Hugging Face model's own jinja
+`chat_template` is `jaxllm.data.chat_template.JinjaChatTemplate`, with the same members (rendering
+byte-identical to `apply_chat_template`, the mask on assistant contents and their end-of-turn
+token); `template_for(tokenizer)` picks it when the tokenizer has a chat_template, else this
+module's `ChatTemplate`. Validation (`validate_messages`) is shared.
 """
 
 from __future__ import annotations
@@ -338,6 +336,21 @@ def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
     return [to_prompt(record, f"{path}:{lineno}") for lineno, record in read_records(path)]
 
 
+def jinja_template(tokenizer) -> str:
+    """jaxllm's template (module docstring) as a Hugging Face jinja `chat_template` string.
+
+    For exporting runs trained from scratch (`jaxllm.hub.export`): rendered with `bos_token`, it
+    gives the text of `ChatTemplate.prompt` (`add_generation_prompt=True`) or of a training render
+    without the final eos; the markers are `tokenizer.markers` (single pieces of the vocabulary).
+    """
+    m = {role: json.dumps(tokenizer.markers[role]) for role in (*MESSAGE_ROLES, "end_of_turn")}
+    return ("{{ bos_token }}{% for message in messages %}"
+            + "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}{{{{ {m[role]} }}}}"
+                      for i, role in enumerate(MESSAGE_ROLES))
+            + f"{{% endif %}}{{{{ message['content'] + {m['end_of_turn']} }}}}{{% endfor %}}"
+            + f"{{% if add_generation_prompt %}}{{{{ {m['assistant']} }}}}{{% endif %}}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Template
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +372,11 @@ class ChatTemplate:
         """Reads the template's ids from `tokenizer`.
 
         Raises:
-          ValueError: the tokenizer has no bos or eos piece.
+          ChatError: (a ValueError) the tokenizer has no bos or eos piece.
           tokenizer.MissingPieceError: (a KeyError) it has no piece for a role marker.
         """
         if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-            raise ValueError(f"tokenizer {tokenizer.path} has no bos/eos piece for the template")
+            raise ChatError(f"tokenizer {tokenizer.path} has no bos/eos piece for the template")
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id = int(tokenizer.bos_id), int(tokenizer.eos_id)
         self.role_ids = {role: int(tokenizer.role_id(role)) for role in MESSAGE_ROLES}
@@ -488,3 +501,19 @@ class ChatTemplate:
 
     def __repr__(self) -> str:
         return f"ChatTemplate({TEMPLATE_VERSION}, tokenizer={self.tokenizer.path!r})"
+
+
+def template_for(tokenizer):
+    """The chat template of `tokenizer`: its own Hugging Face `chat_template`
+    (`jaxllm.data.chat_template.JinjaChatTemplate`) when it has one, else jaxllm's `ChatTemplate`
+    (models trained from scratch).
+
+    Raises:
+      ChatError: a `chat_template` that does not compile or fails on a plain conversation.
+      ValueError / tokenizer.MissingPieceError: as `ChatTemplate` (no bos/eos, no role markers).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        from jaxllm.data.chat_template import JinjaChatTemplate  # noqa: PLC0415 - it imports this module
+
+        return JinjaChatTemplate(tokenizer)
+    return ChatTemplate(tokenizer)

@@ -31,10 +31,8 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +40,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxllm import config as config_lib
 from jaxllm.data import sources
 from jaxllm.data.sources import DataError, SourceSpec
 
@@ -168,18 +167,13 @@ def tokenize_corpus(
     start = time.perf_counter()
     tokens, doc_starts, stats = _tokenize(specs, tokenizer, add_bos, add_eos, num_threads)
     stats["seconds"] = round(time.perf_counter() - start, 3)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    np.save(tmp / "tokens.npy", tokens)
-    np.save(tmp / "doc_starts.npy", doc_starts)
-    (tmp / "stats.json").write_text(json.dumps({**stats, "sources": names}, indent=1))
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp)  # another process finished first; its entry is identical
+    # Written to a temporary folder renamed into place (removed on failure); when another process
+    # finished first, its identical entry is kept.
+    with config_lib.atomic_path(final) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "doc_starts.npy", doc_starts)
+        config_lib.write_atomic(tmp / "stats.json", json.dumps({**stats, "sources": names}, indent=1))
     logger.info(
         "tokenized %s in %.1f s: %d docs, %d tokens (%.0f tokens/s), skipped %d empty and "
         "%d undecodable documents, %d files -> %s",

@@ -51,13 +51,13 @@ import math
 import os
 import pathlib
 import sys
-import uuid
 from collections.abc import Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from jaxllm import config as config_lib
 from jaxllm.data import chat, lm, packing, preference_records, sft, sources
 from jaxllm.data.preference_records import PreferenceStats, parse_preference_sources
 from jaxllm.data.sources import DataError, SourceSpec
@@ -189,11 +189,9 @@ def source_groups(
     stats = PreferenceStats()
     groups = render_groups(preference_records.read_source(spec, stats), template, stats)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
         arrays = {k: getattr(groups, k) for k in Groups.ARRAYS}
-        np.savez(tmp, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
-        os.replace(tmp, path)  # atomic; a concurrent writer's entry is identical
+        with config_lib.atomic_path(path) as tmp:  # a concurrent writer's entry is identical
+            np.savez(tmp, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
     return groups
 
 
@@ -281,6 +279,18 @@ class PreferenceGroups(grain.MapDataset):
     def num_groups(self) -> int:
         """Kept groups of the source set (the range of `group_index`)."""
         return len(self._ids)
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of what the rows of the kept groups are made of: every source's rendered
+        arrays (so the tokenizer, chat template and records), the kept groups and their prompt cuts
+        (so truncation), `seq_len` and K. The same for every view and seed of these groups."""
+        h = hashlib.sha256(json.dumps([_CACHE_FORMAT, self.seq_len, self.max_responses]).encode("utf-8"))
+        arrays = [getattr(part, name) for part in self._parts for name in Groups.ARRAYS] + [self._ids, self._cuts]
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode("utf-8"))
+            h.update(a.tobytes())
+        return h.hexdigest()
 
     def view(self, only: np.ndarray | None = None) -> "PreferenceGroups":
         """The finite, in-order view of the same groups: all of them, or the kept-group positions
@@ -455,7 +465,7 @@ def preference_groups(
     ]  # fmt: skip
     if any(problems):
         raise DataError("preference_dataset: bad " + "; ".join(p for p in problems if p))
-    template = chat.ChatTemplate(tokenizer)
+    template = chat.template_for(tokenizer)
     specs = parse_preference_sources(
         data_config.sources if split == "train" else data_config.eval_sources, data_root
     )

@@ -44,14 +44,13 @@ import logging
 import math
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from jaxllm import config as config_lib
 from jaxllm.data import chat, lm, packing, sources
 from jaxllm.data.sources import DataError, SourceSpec
 
@@ -293,18 +292,11 @@ def source_examples(
     conversations = _read_source(spec, stats)
     examples = render_examples(conversations, template, stats)
     if final is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        for k in ("tokens", "target_mask", "starts"):
-            np.save(tmp / f"{k}.npy", getattr(examples, k))
-        (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats)))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp)  # another process wrote the identical entry first
+        with config_lib.atomic_path(final) as tmp:  # another process's identical entry may win
+            tmp.mkdir()
+            for k in ("tokens", "target_mask", "starts"):
+                np.save(tmp / f"{k}.npy", getattr(examples, k))
+            config_lib.write_atomic(tmp / "stats.json", json.dumps(dataclasses.asdict(stats)))
     return examples
 
 
@@ -480,7 +472,7 @@ def sft_dataset(
         raise DataError(f"data.seq_len={seq_len} must be >= 1")
     if truncation not in TRUNCATIONS:
         raise DataError(f"data.truncation={truncation!r}; expected one of {TRUNCATIONS}")
-    template = chat.ChatTemplate(tokenizer)
+    template = chat.template_for(tokenizer)
     spec = data_config.sources if split == "train" else data_config.eval_sources
     specs = parse_sft_sources(spec, data_root)
     parts = [

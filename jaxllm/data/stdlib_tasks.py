@@ -26,6 +26,7 @@ import random
 import textwrap
 from typing import Iterator
 
+from jaxllm import config as config_lib
 from jaxllm.data import sources
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,4 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    config_lib.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

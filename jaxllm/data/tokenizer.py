@@ -40,6 +40,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import sources
 
@@ -100,6 +101,10 @@ def padded_vocab_size(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (not a SentencePiece model)."""
+
+
 class MissingPieceError(KeyError):
     """The model lacks a special piece (role marker); an external model may have none."""
 
@@ -150,7 +155,7 @@ class Tokenizer:
 
         Raises:
           FileNotFoundError: no file at `path`.
-          ValueError: the file is not a SentencePiece model.
+          TokenizerError: (a ValueError) the file is not a SentencePiece model.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -159,7 +164,7 @@ class Tokenizer:
         try:
             sp.LoadFromFile(path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model: {e}") from None
+            raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from None
         return cls(sp, path, markers if markers is not None else role_markers())
 
     def _piece_id(self, piece: str) -> int | None:
@@ -363,13 +368,6 @@ def _check_layout(tok: Tokenizer, num_sentinels: int) -> None:
         raise RuntimeError(f"edited SentencePiece model is inconsistent: {'; '.join(problems)}")
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def train_tokenizer(
     config: ml_collections.ConfigDict, texts: Iterable[str], out_path: str | os.PathLike
 ) -> Tokenizer:
@@ -413,7 +411,7 @@ def train_tokenizer(
         ) from None
     trained_size = len(_parse(model.data).pieces)
     serialized = _add_padding_and_sentinels(model.data, int(config.num_sentinels))
-    _write_atomic(out_path, serialized)
+    config_lib.write_atomic(out_path, serialized)
     tok = Tokenizer.load(out_path, role_markers(config))
     _check_layout(tok, int(config.num_sentinels))
     logger.info(
@@ -451,9 +449,12 @@ def _parse(serialized: bytes) -> model_pb2.ModelProto:
 def load_or_train(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> Tokenizer:
     """Returns the run's tokenizer, creating `RUN_DIR/tokenizer/tokenizer.model` once.
 
-    In order: load the run's existing model (a run's tokenizer never changes once created); else
-    copy `config.tokenizer.model_path` there and load it; else train on the documents of
-    `config.tokenizer.sources or config.data.sources` (with `config.data_root`).
+    In order: when the stage starts from a published checkpoint (`init_from` is `hf:` / `gguf:`), the
+    checkpoint's own tokenizer and chat template, written to `RUN_DIR/tokenizer/` once (Hugging Face
+    files, `jaxllm.data.hf_tokenizer`); else load the run's existing tokenizer (a run's tokenizer
+    never changes once created); else copy `config.tokenizer.model_path` there and load it; else
+    train on the documents of `config.tokenizer.sources or config.data.sources` (with
+    `config.data_root`).
 
     Args:
       config: The whole run config (`tokenizer`, `data.sources`, optional `data_root`).
@@ -462,20 +463,26 @@ def load_or_train(config: ml_collections.ConfigDict, run_dir: str | os.PathLike)
     Raises:
       FileNotFoundError / ValueError: as `Tokenizer.load` and `train_tokenizer`.
       sources.DataError: bad training sources.
+      ConfigError: the run already has another tokenizer than the checkpoint of `init_from`.
     """
     tok_config = config.tokenizer
     markers = role_markers(tok_config)
+    init_from = str(config.get("init_from", "") or "")
+    from jaxllm.hub import spec as hub_spec  # noqa: PLC0415 - hub imports this module
+
+    if hub_spec.is_external(init_from):
+        return _model_tokenizer(init_from, pathlib.Path(run_dir) / "tokenizer")
     path = pathlib.Path(run_dir) / "tokenizer" / TOKENIZER_FILE
+    if is_hf_tokenizer_dir(path.parent):
+        return load_tokenizer(path.parent)
     if path.exists():
         tok = Tokenizer.load(path, markers)
         logger.info("using the run's tokenizer %s (%d ids)", path, tok.vocab_size)
         return tok
     if tok_config.model_path:
         external = Tokenizer.load(tok_config.model_path, markers)  # validate before copying
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.copyfile(external.path, tmp)
-        os.replace(tmp, path)
+        with config_lib.atomic_path(path) as tmp:
+            shutil.copyfile(external.path, tmp)
         logger.info("copied tokenizer %s -> %s (%d ids)", external.path, path, external.vocab_size)
         return Tokenizer.load(path, markers)
     spec = tok_config.sources or config.data.sources
@@ -491,4 +498,65 @@ def load_or_train(config: ml_collections.ConfigDict, run_dir: str | os.PathLike)
         stats.skipped_empty,
         stats.skipped_undecodable,
     )
+    return tok
+
+
+def load_tokenizer(directory: str | os.PathLike, markers: Mapping[str, str] | None = None):
+    """The tokenizer in `directory`: a Hugging Face one (`jaxllm.data.hf_tokenizer.HFTokenizer`)
+    when it holds `tokenizer.json` or `tokenizer_config.json`, else jaxllm's SentencePiece
+    `Tokenizer` from `directory/tokenizer.model` (`directory` may also be that `.model` file).
+
+    Args:
+      directory: A tokenizer folder (a run's `tokenizer/`, a Hugging Face model folder) or a
+        SentencePiece `.model` file.
+      markers: Role markers of a SentencePiece tokenizer (`role_markers(config)`; default markers).
+
+    Raises:
+      jaxllm.hub.HubError: a Hugging Face folder that cannot be loaded (naming the file).
+      FileNotFoundError / ValueError: as `Tokenizer.load`.
+    """
+    path = pathlib.Path(directory)
+    if path.is_file():
+        return Tokenizer.load(path, markers)
+    if is_hf_tokenizer_dir(path):
+        from jaxllm.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415 - it imports this module
+
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path / TOKENIZER_FILE, markers)
+
+
+def is_hf_tokenizer_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a Hugging Face tokenizer (`tokenizer.json` or `tokenizer_config.json`)
+    rather than a jaxllm SentencePiece `tokenizer.model` alone."""
+    directory = pathlib.Path(directory)
+    return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
+
+
+def _model_tokenizer(init_from: str, directory: pathlib.Path):
+    """The tokenizer of the checkpoint `init_from`, saved to the run's `directory` on first use.
+
+    Raises:
+      ConfigError: `directory` already holds a different tokenizer (another model's, or one that
+        jaxllm trained): the run's data caches and params belong to that one.
+    """
+    from jaxllm.hub import spec as hub_spec  # noqa: PLC0415
+
+    model_tok = hub_spec.load_tokenizer(hub_spec.parse(init_from))
+    staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model_tok.save(staging)
+        staged = load_tokenizer(staging)
+        if directory.exists():
+            existing = load_tokenizer(directory)
+            if existing.fingerprint != staged.fingerprint:
+                raise ConfigError(f"{directory} holds another tokenizer ({existing.path}) than {init_from}'s: "
+                                  "start this model in a new --config.run_dir")
+            return existing
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tok = load_tokenizer(directory)
+    logger.info("the run uses %s's tokenizer: %s (%d ids)", init_from, directory, tok.vocab_size)
     return tok

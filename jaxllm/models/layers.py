@@ -11,6 +11,8 @@ flattened form (../shared/docs/cpu-notes.md), and on TPU/GPU the two lower to th
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -63,7 +65,56 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaling of the rotary inverse frequencies for a longer context than pretraining's.
+
+    Attributes:
+      kind: "linear" (position interpolation, Chen et al. 2023: every `inv_freq / factor`) or
+        "llama3" (Llama 3.1/3.2: low frequencies divided by `factor`, high ones kept, a smooth
+        ramp between; see `scaled_inv_freq`).
+      factor: context extension factor (8 for Llama 3.1, 32 for Llama 3.2 1B/3B).
+      low_freq_factor, high_freq_factor: "llama3" only; wavelengths above
+        `original_max_position / low_freq_factor` are scaled, below
+        `original_max_position / high_freq_factor` kept (1 and 4 in Llama 3.1).
+      original_max_position: "llama3" only; pretraining context in tokens (8192 for Llama 3).
+    """
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+def scaled_inv_freq(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
+    """`inv_freq` `[head_dim // 2]` float32 rescaled by `scaling`.
+
+    "linear": `inv_freq / factor`. "llama3", with `wavelen = 2 pi / inv_freq`, `L = original_max_position`:
+    `inv_freq` where `wavelen < L / high_freq_factor`; `inv_freq / factor` where
+    `wavelen > L / low_freq_factor`; in between `(1 - s) inv_freq / factor + s inv_freq` with
+    `s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)`.
+    Source: `apply_scaling` of Meta's Llama 3.1 reference code (meta-llama/llama-models) and
+    Hugging Face's `_compute_llama3_parameters` (transformers `modeling_rope_utils.py`), computed
+    in float32 as Hugging Face does.
+    """
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind != "llama3":
+        raise ValueError(f"unknown rope scaling {scaling.kind!r}")
+    old_context = scaling.original_max_position
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_frequencies(positions: jax.Array, head_dim: int, theta: float,
+                     scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
     """Cosine and sine tables of rotary position embeddings (Su et al. 2021, RoFormer eq. 34).
 
     Uses the rotate-half layout of GPT-NeoX / Hugging Face LLaMA: frequency `i` pairs dimension `i`
@@ -74,12 +125,15 @@ def rope_frequencies(positions: jax.Array, head_dim: int, theta: float) -> tuple
       positions: `[batch, length]` int positions.
       head_dim: even size of each attention head.
       theta: RoPE base (10000 for LLaMA-2, 500000 for LLaMA-3, 1000000 for Qwen2.5).
+      scaling: optional long-context rescaling of `inv_freq` (`scaled_inv_freq`); None: none.
 
     Returns:
       `(cos, sin)`, each `[batch, length, head_dim // 2]` float32.
     """
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
     tables = computed_once(jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1))
     return tables[..., :half], tables[..., half:]

@@ -34,6 +34,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+ROPE_SCALINGS = ("", "linear", "llama3")
+ARCHITECTURES = ("", "llama", "mistral", "qwen2")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("", "xla", "cudnn", "splash")
 
@@ -50,10 +52,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.head_dim = 0  # 0: embed_dim // num_heads
     c.mlp_dim = 768
     c.rope_theta = 10000.0
+    # Long-context rescaling of the rotary frequencies (layers.scaled_inv_freq): "" none, "linear"
+    # (inv_freq / factor) or "llama3" (Llama 3.1/3.2; the low/high frequency factors and the
+    # original context in tokens apply to it only). Set from a checkpoint's rope_scaling.
+    c.rope_scaling = ""
+    c.rope_scaling_factor = 1.0
+    c.rope_low_freq_factor = 1.0
+    c.rope_high_freq_factor = 4.0
+    c.rope_original_max_position = 8192
     c.norm_eps = 1e-5
     c.tie_embeddings = False
     c.qkv_bias = False
     c.init_std = 0.02
+    # "" for jaxllm's own models; else the Hugging Face model_type a checkpoint came from ("llama",
+    # "mistral", "qwen2"), which export writes back (jaxllm.hub.hf).
+    c.architecture = ""
     c.dtype = "float32"  # compute dtype of activations and matmuls
     c.param_dtype = "float32"  # master weights
     c.scan_layers = False  # lax.scan over layers: faster compiles at depth, slower at tiny sizes on CPU
@@ -120,6 +133,8 @@ class LlamaConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str | None = None
+    architecture: str = ""
+    rope_scaling: layers.RopeScaling | None = None  # model.rope_* keys (layers.scaled_inv_freq)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> "LlamaConfig":
@@ -127,8 +142,9 @@ class LlamaConfig:
 
         Raises:
           ConfigError: naming the `model.*` key that is inconsistent (vocab unset, heads not dividing
-            the width, kv heads not dividing heads, odd head_dim, unknown dtype, remat policy or
-            attention implementation).
+            the width, kv heads not dividing heads, odd head_dim, unknown dtype, remat policy,
+            attention implementation, architecture or rope scaling, or rope scaling parameters
+            out of range).
         """
         if c.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be set (> 0) before building the model")
@@ -146,6 +162,9 @@ class LlamaConfig:
             raise ConfigError(f"model.remat_policy={c.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
         if c.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"model.attention_impl={c.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        architecture = c.get("architecture", "")
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={architecture!r}; expected one of {ARCHITECTURES}")
         return cls(
             vocab_size=c.vocab_size, embed_dim=c.embed_dim, num_layers=c.num_layers,
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=head_dim,
@@ -153,7 +172,35 @@ class LlamaConfig:
             tie_embeddings=c.tie_embeddings, qkv_bias=c.qkv_bias, init_std=c.init_std,
             dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype], scan_layers=c.scan_layers,
             remat_policy=c.remat_policy, attention_impl=c.attention_impl or None,
+            rope_scaling=_rope_scaling(c), architecture=architecture,
         )
+
+
+def _rope_scaling(c: ml_collections.ConfigDict) -> layers.RopeScaling | None:
+    """The validated `model.rope_*` scaling keys (configs saved before they existed have none).
+
+    Raises:
+      ConfigError: naming the key of an unknown kind or an out-of-range value.
+    """
+    kind = c.get("rope_scaling", "")
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"model.rope_scaling={kind!r}; expected one of {ROPE_SCALINGS}")
+    if not kind:
+        return None
+    scaling = layers.RopeScaling(
+        kind, float(c.get("rope_scaling_factor", 1.0)), float(c.get("rope_low_freq_factor", 1.0)),
+        float(c.get("rope_high_freq_factor", 4.0)), int(c.get("rope_original_max_position", 8192)))
+    if scaling.factor <= 0:
+        raise ConfigError(f"model.rope_scaling_factor={scaling.factor} must be > 0")
+    if kind == "llama3":
+        if scaling.low_freq_factor <= 0:
+            raise ConfigError(f"model.rope_low_freq_factor={scaling.low_freq_factor} must be > 0")
+        if scaling.high_freq_factor <= scaling.low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={scaling.high_freq_factor} must be greater than "
+                              f"model.rope_low_freq_factor={scaling.low_freq_factor}")
+        if scaling.original_max_position <= 0:
+            raise ConfigError(f"model.rope_original_max_position={scaling.original_max_position} must be > 0")
+    return scaling
 
 
 def _normal(std: float):
@@ -311,7 +358,7 @@ class Decoder(nn.Module):
             ("vocab", "embed"), cfg.param_dtype)
         x = jnp.take(embedding, inputs.reshape(-1), axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "act_embed"))
-        cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         if cache is not None:
             x, cache = self._cached_layers(x, cos, sin, segment_ids, cache, prefix_mask)
             if last_logits_only:

@@ -4,7 +4,10 @@
 is the same SFT model, whose sequence log-probabilities (sum over response tokens) are computed
 once before training for the train groups the run will read (`train.steps x train.batch_size`
 rows of the shuffled train view, one group each or packed) and for every eval group, cached in `RUN_DIR/dpo/reference/`,
-and looked up per preference group.
+and looked up per preference group. A cached table is keyed by the reference params' values
+(`params_fingerprint`, wherever they were loaded from), the rendered groups
+(`PreferenceGroups.fingerprint`: sources, tokenizer, template, seq_len, truncation, K), the packing
+and the `model` section; any change recomputes it.
 Losses: sigmoid (with cDPO label smoothing), IPO, hinge (`objectives.dpo_loss`); metrics use
 TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
 `logps/chosen`, `logps/rejected`).
@@ -12,6 +15,8 @@ TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `reward
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pathlib
 
@@ -20,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
 from jaxllm import objectives
 from jaxllm import sharding
@@ -87,18 +91,52 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def params_fingerprint(params, mesh: jax.sharding.Mesh) -> str:
+    """sha256 (hex) identifying `params` by their values, computed where they live.
+
+    Each leaf's bits (as unsigned ints) are summed modulo 2^32 with two sets of odd weights of the
+    element's flat index, on the mesh: integer sums are exact in any order, so the result does not
+    depend on the sharding, and no process gathers the params. Any change of one element changes
+    both sums; the host hashes them with each leaf's path, shape and dtype.
+    """
+    def sums(x):
+        x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+        if x.dtype.itemsize not in (1, 2, 4):
+            x = x.astype(jnp.float32)
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        u = bits.astype(jnp.uint32)
+        index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for d in reversed(range(x.ndim)):  # the flat index, without reshaping the sharded array
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[d]
+        odd = 2 * index + 1
+        return jnp.stack([jnp.sum(u * odd * jnp.uint32(0x9E3779B1)),
+                          jnp.sum((u ^ (u >> 15)) * odd * jnp.uint32(0x85EBCA77))])
+
+    values = jax.device_get(jax.jit(lambda p: jax.tree.map(sums, p), out_shardings=sharding.replicated(mesh))(params))
+    leaves = [(jax.tree_util.keystr(path), list(x.shape), str(x.dtype), [int(v) for v in s])
+              for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(values))]
+    return hashlib.sha256(json.dumps(leaves).encode("utf-8")).hexdigest()
+
+
 def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, rules, path: pathlib.Path,
-                    needed: np.ndarray | None = None) -> np.ndarray:
+                    needed: np.ndarray | None = None, key: str = "") -> np.ndarray:
     """Reference log-probs `[num_groups, 2]` float32 (DPO groups are pairs) of the groups `needed`, cached at `path`.
 
     `make_data(positions)` gives the finite preference dataset of those kept-group positions (in
-    order); `needed` None means every group. Groups not computed hold NaN. A cached table is
-    reused, and only the needed groups it lacks are computed and added (a longer run after a
-    shorter one). Each global batch is evaluated on the mesh and its results are replicated, so
-    every process holds the whole table.
+    order); `needed` None means every group. Groups not computed hold NaN. A table cached under the
+    same `key` (what the values depend on: reference params, data, rendering; see `build_stage`)
+    is reused, and only the needed groups it lacks are computed and added (a longer run after a
+    shorter one); another key starts afresh. Each global batch is evaluated on the mesh and its
+    results are replicated, so every process holds the whole table. The file (`.npz`: `table`,
+    `key`) is replaced atomically.
     """
     want = np.arange(num_groups) if needed is None else np.asarray(needed, np.int64)
-    table = np.load(path) if path.exists() else None
+    table = None
+    cached = np.load(path) if path.exists() else None  # an older `.npy` table has no key: recomputed
+    if isinstance(cached, np.lib.npyio.NpzFile):
+        with cached:
+            table = cached["table"] if str(cached["key"]) == key else None
     if table is None or table.shape[0] != num_groups:
         table = np.full((num_groups, 2), np.nan, np.float32)
     missing = want[np.isnan(table[want]).any(axis=1)]
@@ -116,10 +154,8 @@ def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, 
             table[groups["group_index"][keep]] = np.asarray(logps)[keep]
             count += int(keep.sum())
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, table)
-        tmp.replace(path)
+        with config_lib.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, table=table, key=np.array(key))
     logging.info("reference log-probs of %d groups (%d of %d cached before) -> %s", count,
                  len(want) - len(missing), num_groups, path)
     return table
@@ -144,7 +180,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     """The DPO `Stage`; computes (or loads) the cached reference log-probs first."""
     if config.data.max_responses != 2:
         raise config_lib.ConfigError("DPO needs pairs: set data.max_responses=2")
-    config_lib.inherit_model_shape(config, sft.source_stage_dir(config))
+    reader = sft.init_model(config)
     sft.prepare_sources(config)
     pretrain.resolve_vocab(config, tokenizer)
     model_config = llama.LlamaConfig.from_config(config.model)
@@ -154,10 +190,16 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     layout = dict(process_index=jax.process_index(), process_count=jax.process_count())
     eval_batch = tc.eval_batch_size or tc.batch_size
 
-    params_dir = sft.source_stage_dir(config) / "params"
+    load_policy = sft.params_loader(config, reader, model_config, mesh)  # the reference is the starting policy
     abstract = loop.abstract_params(lambda rng: llama.init(model_config, rng), mesh, rules)
-    ref_params = ckpt_lib.load_params(params_dir, abstract)
+    ref_params = load_policy(abstract)
     ref_dir = config_lib.stage_dir(config) / "reference"
+    ref_key = {"params": params_fingerprint(ref_params, mesh), "model": config_lib.to_dict(config.model),
+               "groups_per_row": dc.groups_per_row}
+
+    def key(groups):  # what a cached table's values depend on (module docstring)
+        payload = json.dumps({**ref_key, "groups": groups.fingerprint()}, sort_keys=True)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     # Reference log-probs of the train groups this run reads (steps x batch rows of the shuffled
     # view, packed or not), computed once through in-order views with the same group indices.
@@ -167,7 +209,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
 
     train_groups = preference.preference_groups(dc, split="train", **sources)
     table = reference_table(model_config, ref_params, in_order(train_groups), train_groups.num_groups, mesh, rules,
-                            ref_dir / "train.npy",
+                            ref_dir / "train.npz", key=key(train_groups),
                             needed=preference.visited_groups(train_groups, tc.steps * tc.batch_size, dc.groups_per_row))
     train_data = with_reference(preference.batch_groups(train_groups, global_batch_size=tc.batch_size,
                                                         groups_per_row=dc.groups_per_row, **layout), table)
@@ -178,7 +220,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         name = reward.eval_name(spec)
         eval_groups = preference.preference_groups(one, split="eval", **sources)
         eval_table = reference_table(model_config, ref_params, in_order(eval_groups), eval_groups.num_groups, mesh,
-                                     rules, ref_dir / f"eval_{name}.npy")
+                                     rules, ref_dir / f"eval_{name}.npz", key=key(eval_groups))
         eval_data[name] = with_reference(in_order(eval_groups)(None), eval_table)
     del ref_params
     sequences = tc.batch_size * 2
@@ -190,7 +232,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         eval_data=eval_data or None,
         flops_per_step=llama.flops_per_token(model_config, dc.seq_len) * sequences * dc.seq_len,
         tokens_per_step=sequences * dc.seq_len,
-        load_params=lambda abstract_params: ckpt_lib.load_params(params_dir, abstract_params),
+        load_params=load_policy,
         summarize=summarize,
         sample_fn=sft.chat_sample_fn(config, tokenizer, model_config, dc.seq_len) if config.sample.prompts else None,
     )

@@ -6,6 +6,15 @@ parameters, its loss of (params, batch), and its data. Everything else lives her
 mesh -> optimizer -> shapes via `jax.eval_shape` -> shardings -> `jit(init, out_shardings=...)`
 -> jitted `train_step` (gradient accumulation, donation) -> restore -> loop (eval, logging,
 checkpoints, preemption) -> export of the final params.
+
+Non-finite steps: a step whose loss, gradient norm or new params are NaN or infinite is skipped
+inside the jitted step (params, optimizer state and a stage's extra state stay as they were; the
+step counter and the data move on, so the batch is dropped) and counted in the metrics row of its window
+(`nonfinite_steps`; `loss` and `grad_norm` average the applied steps only, null when there were
+none). `train.max_nonfinite_steps` skipped steps in a row stop the run with `NonFiniteError`
+(checked every `min(train.log_every, train.max_nonfinite_steps)` steps and at the end) before it
+saves a checkpoint, exports `params/` or writes `done.json`. The skipped steps leave the state
+finite, so the checkpoints already written hold the last good state.
 """
 
 from __future__ import annotations
@@ -53,7 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample_every = 0  # print sample generations every N steps (0: only at the end)
     c.peak_flops_per_device = 0.0  # 0: measured (CPU) or published (TPU/GPU) peak for MFU
     c.progress_bar = True
+    c.max_nonfinite_steps = 10  # stop after this many skipped non-finite steps in a row (0: never stop)
     return c
+
+
+class NonFiniteError(config_lib.ConfigError):
+    """`train.max_nonfinite_steps` steps in a row had a non-finite loss, gradient norm or update (a
+    diverged run: the usual fixes are a lower `optimizer.lr`, gradient clipping or a longer
+    warmup). A `ConfigError`, so the command line prints it as one line and exits with status 2."""
 
 
 @flax.struct.dataclass
@@ -159,6 +175,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     return step_fn
 
 
+def skip_nonfinite(step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]]):
+    """Wraps `step_fn` so that a step whose `loss_sum` (when reported), `grad_norm` or updated params
+    are not finite returns the state it was given, with only `step` advanced, and reports
+    `nonfinite` (1.0 for a skipped step, else 0.0). The params are checked too because finite
+    gradients can still give a non-finite update (an infinite learning rate, an overflow).
+
+    The select runs inside the jitted step: no host sync, and the donated state is reused. As with
+    `optax.apply_if_finite`, a skipped step does not advance the optimizer's own step count, so a
+    schedule inside the optimizer runs one step behind `state.step` per skipped step.
+    """
+    def guarded(state: TrainState, batch: Batch):
+        new, metrics = step_fn(state, batch)
+        finite = jnp.isfinite(metrics["grad_norm"])
+        for leaf in jax.tree.leaves(new.params):
+            finite &= jnp.all(jnp.isfinite(leaf))
+        if "loss_sum" in metrics:
+            finite &= jnp.isfinite(metrics["loss_sum"])
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return kept.replace(step=new.step), {**metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+    return guarded
+
+
 def _default_summary(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
 
@@ -206,11 +245,46 @@ class Result:
 
 
 def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Sums of the applied steps' metrics over a log window (all steps, giving NaN, when every
+    one was skipped), the mean `grad_norm`, the last `learning_rate` and `nonfinite` skipped steps."""
     host = jax.device_get(rows)
-    sums = {k: float(sum(r[k] for r in host)) for k in host[0]}
-    sums["grad_norm"] = sums["grad_norm"] / len(host)
+    applied = [r for r in host if not r["nonfinite"]] or host
+    sums = {k: float(sum(r[k] for r in applied)) for k in host[0]}
+    sums["grad_norm"] = sums["grad_norm"] / len(applied)
     sums["learning_rate"] = float(host[-1]["learning_rate"])
+    sums["nonfinite"] = float(sum(r["nonfinite"] for r in host))
     return sums
+
+
+class _NonFiniteGuard:
+    """Counts skipped (non-finite) steps in a row from the steps' `nonfinite` flags, fetched to the
+    host every `every` steps, and raises `NonFiniteError` at `limit` in a row (0: never)."""
+
+    def __init__(self, stage: str, limit: int, log_every: int):
+        self.stage, self.limit = stage, limit
+        self.every = max(min(log_every, limit) if limit else log_every, 1)
+        self.flags: list[tuple[int, jax.Array]] = []
+        self.run_start, self.run_length = 0, 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.flags.append((step, metrics["nonfinite"]))
+
+    def check(self) -> None:
+        """Raises NonFiniteError once `limit` steps in a row were skipped."""
+        flags, self.flags = self.flags, []
+        for step, bad in zip([s for s, _ in flags], jax.device_get([f for _, f in flags])):
+            if not bad:
+                self.run_length = 0
+                continue
+            self.run_start = step if not self.run_length else self.run_start
+            self.run_length += 1
+            if self.limit and self.run_length >= self.limit:
+                raise NonFiniteError(
+                    f"{self.stage}: {self.run_length} steps in a row (steps {self.run_start}-{step}) had a "
+                    f"non-finite loss, gradient norm or update and were skipped (train.max_nonfinite_steps="
+                    f"{self.limit}); stopped without saving, exporting or marking the stage done. Lower "
+                    f"optimizer.lr, clip gradients (optimizer.grad_clip) or lengthen optimizer.warmup_steps, "
+                    f"then rerun: it resumes from the last checkpoint")
 
 
 def evaluate(eval_step, params, data: Iterable[dict], mesh, rules, max_batches: int = 0) -> dict[str, float]:
@@ -281,8 +355,8 @@ def compile_stage(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sha
 
     # Batches arrive as global arrays already sharded over the batch axes (`sharding.global_batch`);
     # `None` keeps their shardings, whatever the rank of each field.
-    step_fn = (stage.make_step(tx, schedule) if stage.make_step
-               else make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed))
+    step_fn = skip_nonfinite(stage.make_step(tx, schedule) if stage.make_step
+                             else make_train_step(stage.loss_fn, tx, schedule, tc.grad_accum_steps, config.seed))
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, None),
@@ -345,7 +419,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         logging.info("%s: %s params, peak %.3g FLOP/s (%s)", stage.name,
                      f"{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}", peak, peak_source)
 
-        def run_eval(state, step):
+        def run_eval(state, step, write_row=True):
             if stage.eval_data is None:
                 return {}
             sets = stage.eval_data if isinstance(stage.eval_data, dict) else {"": stage.eval_data}
@@ -357,7 +431,8 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 if name and len(sets) > 1:
                     out.update({f"eval/{name}/{k}": v for k, v in summarize(sums).items()})
             out.update({f"eval/{k}": v for k, v in summarize(total).items()})
-            writer.write(step, out)
+            if write_row:
+                writer.write(step, out)
             return out
 
         def run_samples(state, step):
@@ -380,7 +455,9 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
 
         def train_row(rows):
             sums = _mean_rows(rows)
-            return {**summarize(sums), "learning_rate": sums["learning_rate"], "grad_norm": sums["grad_norm"]}
+            nonfinite = sums.pop("nonfinite")
+            return {**summarize(sums), "learning_rate": sums["learning_rate"], "grad_norm": sums["grad_norm"],
+                    "nonfinite_steps": nonfinite}
 
         # ---- Loop -----------------------------------------------------------------------------
         bar = tqdm.tqdm(total=tc.steps, initial=start, desc=stage.name, dynamic_ncols=True,
@@ -390,6 +467,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
         eval_metrics: dict[str, float] = {}
         preempted = False
         timer_start, timer_steps = None, 0
+        guard = _NonFiniteGuard(stage.name, tc.max_nonfinite_steps, tc.log_every)
         step = start
         if tc.eval_at_start and start == 0:
             eval_metrics = run_eval(state, 0)
@@ -400,6 +478,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 pending.append(step_metrics)
+                guard.add(step, step_metrics)
                 if timer_start is None:  # the first step compiles: time from its end
                     jax.block_until_ready(step_metrics)
                     timer_start = time.perf_counter()
@@ -418,6 +497,17 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                     writer.write(step, row)
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_second") if k in row})
                     pending = []
+                if step % guard.every == 0 or step == tc.steps or preemption.requested:
+                    try:
+                        guard.check()  # before this step's eval, checkpoint or export
+                    except NonFiniteError:
+                        if pending:
+                            writer.write(step, train_row(pending))
+                        bar.close()
+                        writer.close()
+                        mngr.wait_until_finished()
+                        mngr.close()
+                        raise
                 if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                     eval_metrics = run_eval(state, step)
                     write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
@@ -442,17 +532,24 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
             logging.warning("%s: stopped by SIGTERM at step %d; checkpoint saved", stage.name, step)
             writer.close()
             return Result(step, state, True, eval_metrics)
-        if start < tc.steps or not (stage_dir / "params").exists():
+        # ---- Hand-off: final eval, params/, done.json ------------------------------------------
+        # A rerun at start == steps finishes a hand-off that a crash interrupted (after the export,
+        # before done.json): it evaluates again but keeps the final eval row already written.
+        exported = start == tc.steps and (stage_dir / "params").exists()
+        if not exported or not (stage_dir / "done.json").exists():
             if not (step == 0 and tc.eval_at_start):  # `train.steps=0`: evaluated once, at the start
-                eval_metrics = run_eval(state, step)
+                logged = start == tc.steps and any(r["step"] == step and any(k.startswith("eval/") for k in r)
+                                                   for r in metrics_lib.read_metrics(stage_dir))
+                eval_metrics = run_eval(state, step, write_row=not logged)
             if eval_metrics:
                 write(f"final step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-            run_samples(state, step)
-            exported = stage.export(state.params) if stage.export else state.params
-            ckpt_lib.export_params(stage_dir / "params", exported)
+            if not exported:
+                run_samples(state, step)
+                ckpt_lib.export_params(stage_dir / "params", stage.export(state.params) if stage.export
+                                       else state.params)
             if jax.process_index() == 0:
-                done = {"step": step, "eval": eval_metrics}
-                (stage_dir / "done.json").write_text(json.dumps(done, indent=2, sort_keys=True) + "\n")
+                done = metrics_lib.finite_or_none({"step": step, "eval": eval_metrics})
+                config_lib.write_atomic(stage_dir / "done.json", json.dumps(done, indent=2, sort_keys=True) + "\n")
         writer.close()
         return Result(step, state, False, eval_metrics)
 
@@ -461,14 +558,24 @@ def abstract_params(init_params: Callable[[jax.Array], Any], mesh: jax.sharding.
     """Shapes of `init_params(rng)`'s unboxed params as ShapeDtypeStructs carrying their shardings."""
     boxed = jax.eval_shape(init_params, jax.random.key(0))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    # Unboxed without sharding constraints: they cannot apply to shapes (inside `sharding.activate`).
+    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                           boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
 
 
 def run_stage(config: ml_collections.ConfigDict, build_stage: Callable[..., Stage]) -> Result:
-    """Mesh, the run's tokenizer (trained on first use), then `run` on `build_stage(config, tokenizer, mesh)`."""
+    """Mesh, a check of any published checkpoint the stage starts from (`jaxllm.hub.spec.preflight`),
+    the run's tokenizer (trained, or the checkpoint's, on first use), then `run` on
+    `build_stage(config, tokenizer, mesh)`."""
     from jaxllm.data import tokenizer as tokenizer_lib
+    from jaxllm.hub import spec as hub_spec
 
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
+    # A published checkpoint that cannot be used fails here, before the run directory is touched.
+    for key, head in (("init_from", "lm"), ("reward_from", "scalar"), ("safety_reward_from", "scalar")):
+        if hub_spec.is_external(str(config.get(key, "") or "")):
+            hub_spec.preflight(config, config[key], head=head, tokenizer=key == "init_from")
     tokenizer = tokenizer_lib.load_or_train(config, config.run_dir)
     return run(config, build_stage(config, tokenizer, mesh), mesh)

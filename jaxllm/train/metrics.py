@@ -1,8 +1,10 @@
 """Metric writers (metrics.jsonl, TensorBoard, a tqdm bar) and model-FLOPs utilisation.
 
 Only process 0 writes. `metrics.jsonl` has one JSON object per logged step, e.g.
-`{"step": 100, "loss": 2.31, "learning_rate": 0.001, "grad_norm": 0.8, "tokens_per_second": 9.1e3,
-"mfu": 0.41}`; evaluation rows carry `eval/loss`, `eval/perplexity`.
+`{"step": 100, "loss": 2.31, "learning_rate": 0.001, "grad_norm": 0.8, "nonfinite_steps": 0.0,
+"tokens_per_second": 9.1e3, "mfu": 0.41}`; evaluation rows carry `eval/loss`, `eval/perplexity`.
+The file is strict JSON: a NaN or infinite value is written as `null` (TensorBoard gets the float).
+`nonfinite_steps` counts the steps of the row's window that were skipped (see `jaxllm.train.loop`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from jaxllm import config as config_lib
 
 # Dense bf16 peak FLOP/s per chip from the vendors' datasheets (no sparsity).
 PUBLISHED_PEAK_FLOPS = {
@@ -69,6 +73,18 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
     return 0.0, f"unknown device {kind}"
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in nested dicts and lists) replaced by None, so
+    `json.dumps` writes strict JSON (`null`) instead of the bare `NaN` / `Infinity` it allows."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 class MetricWriter:
     """Writes scalar metrics to `metrics.jsonl` and TensorBoard event files in `directory`."""
 
@@ -92,7 +108,7 @@ class MetricWriter:
             value = float(value)
             row[key] = value
             self._tb.add_scalar(key, value, step)
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:
@@ -106,7 +122,8 @@ def truncate_metrics(directory: str | pathlib.Path, last_step: int) -> None:
     """Drops rows after `last_step` from `metrics.jsonl` (a resumed run rewrites them).
 
     After a crash between checkpoints the file holds steps that will be trained again; removing
-    them keeps one row per step, so the file shows the trajectory of the finished run.
+    them keeps one row per step, so the file shows the trajectory of the finished run. The file is
+    replaced atomically: a crash during the rewrite leaves the old one.
     """
     path = pathlib.Path(directory) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.exists():
@@ -118,7 +135,7 @@ def truncate_metrics(directory: str | pathlib.Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             logging.warning("dropping a damaged line from %s", path)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    config_lib.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(directory: str | pathlib.Path) -> list[dict]:

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
 from jaxllm import objectives
 from jaxllm import sampling
@@ -294,13 +293,13 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         raise config_lib.ConfigError("ppo.temperature must be > 0: PPO needs sampled rollouts")
     if c.kl_estimator not in objectives.KL_ESTIMATORS:
         raise config_lib.ConfigError(f"ppo.kl_estimator={c.kl_estimator!r}; expected one of {objectives.KL_ESTIMATORS}")
-    config_lib.inherit_model_shape(config, sft.source_stage_dir(config))
+    reader = sft.init_model(config)
     sft.prepare_sources(config)
     pretrain.resolve_vocab(config, tokenizer)
     if not config.optimizer.decay_steps:
         config.optimizer.decay_steps = config.train.steps * c.epochs * c.minibatches
     model_config = llama.LlamaConfig.from_config(config.model)
-    template = chat.ChatTemplate(tokenizer)
+    template = chat.template_for(tokenizer)
     common = dict(seed=config.seed, data_root=config.data_root, process_index=jax.process_index(),
                   process_count=jax.process_count())
     train_data = prompt_data.prompt_dataset(config.prompts, template, split="train",
@@ -322,10 +321,13 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
 
     if not 0.0 < c.safety_threshold < 1.0:
         raise config_lib.ConfigError(f"ppo.safety_threshold={c.safety_threshold} must be in (0, 1)")
-    policy_dir = sft.source_stage_dir(config) / "params"
-    reward_dir = sft.source_stage_dir(config).parent / config.reward_from / "params"
+    load_policy = sft.params_loader(config, reader, model_config, mesh)
+    reward_reader = sft.init_model(config.copy_and_resolve_references(), config.reward_from)
+    load_reward = sft.params_loader(config, reward_reader, model_config, mesh, config.reward_from, head="scalar")
     safety = config.get("safety_reward_from", "")
-    safety_dir = sft.source_stage_dir(config).parent / safety / "params"
+    if safety:
+        safety_reader = sft.init_model(config.copy_and_resolve_references(), safety)
+        load_safety = sft.params_loader(config, safety_reader, model_config, mesh, safety, head="scalar")
 
     def init_params(rng):
         return {"policy": llama.init(model_config, rng),
@@ -340,15 +342,13 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         return extra
 
     def load_params(abstract):
-        return {"policy": ckpt_lib.load_params(policy_dir, abstract["policy"]),
-                "value": ckpt_lib.load_params(reward_dir, abstract["value"])}
+        return {"policy": load_policy(abstract["policy"]), "value": load_reward(abstract["value"])}
 
     def load_extra(abstract):
-        extra = {"ref": ckpt_lib.load_params(policy_dir, abstract["ref"]),
-                 "reward": ckpt_lib.load_params(reward_dir, abstract["reward"]),
+        extra = {"ref": load_policy(abstract["ref"]), "reward": load_reward(abstract["reward"]),
                  "kl_coef": jnp.asarray(c.kl_coef, jnp.float32)}
         if safety:
-            extra["safety_reward"] = ckpt_lib.load_params(safety_dir, abstract["safety_reward"])
+            extra["safety_reward"] = load_safety(abstract["safety_reward"])
         return extra
 
     tokens = config.train.batch_size * (config.prompts.max_prompt_len + c.max_new_tokens)

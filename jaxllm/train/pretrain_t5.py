@@ -63,6 +63,9 @@ def default_config(model_family: str = "t5") -> ml_collections.ConfigDict:
     else:
         c.data.format = "prefix_lm"
     c.sample = sample_config()
+    # "" = random init; hf:DIR | hf:ORG/NAME[@REV]: continue from a published T5 v1.1 / Flan-T5
+    # (its shape, tokenizer and sentinels; `jaxllm.hub.hf_t5`)
+    c.init_from = ""
     return c
 
 
@@ -316,17 +319,33 @@ def fill_sentinels(config: ml_collections.ConfigDict, tokenizer, params, texts: 
 
 def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                 mesh: jax.sharding.Mesh | None = None) -> loop.Stage:
-    """The span-corruption pretraining `Stage`: model, this process's data, loss, FLOPs and samples
-    (`mesh` unused).
+    """The span-corruption pretraining `Stage`: model, this process's data, loss, FLOPs and samples;
+    with `init_from`, the published checkpoint's params read onto `mesh`.
 
     Raises:
       ConfigError: mismatched `model.family` / `data.format`, or bad `model.*` / `data.*` values.
       pretrain.VocabMismatchError: the tokenizer has more ids than `model.vocab_size`.
     """
+    reader = None
+    if config.get("init_from", ""):
+        from jaxllm.hub import spec as hub_spec  # noqa: PLC0415
+
+        if not hub_spec.is_external(config.init_from):
+            raise ConfigError(f"init_from={config.init_from!r}: the T5 stage starts from random params or a "
+                              "published checkpoint (hf:DIR, hf:ORG/NAME)")
+        reader = hub_spec.configure_from(config, config.init_from)
+        if hub_spec.family(reader) != config.model.get("family", ""):
+            raise ConfigError(f"{config.init_from} is a {reader.config.get('model_type')!r} model; this stage trains "
+                              f"model.family={config.model.get('family')!r}")
     pretrain.resolve_vocab(config, tokenizer)
     model = build_model(config)
     tc, dc = config.train, config.data
     fmt = dc.get("format", "t5")
+    load_params = None
+    if reader is not None:
+        from jaxllm.hub import spec as hub_spec  # noqa: PLC0415
+
+        load_params = hub_spec.params_loader(reader, model.config, mesh, config.mesh.rules)
     denoisers = span_corruption.denoisers_from_config(dc)
     layout = span_corruption.make_layout(denoisers, format=fmt, inputs_length=dc.inputs_length,
                                          targets_length=dc.targets_length)
@@ -359,6 +378,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
         tokens_per_step=tokens_per_step,
         summarize=pretrain.summarize,
         sample_fn=make_sample_fn(config, tokenizer, model),
+        load_params=load_params,
     )
 
 

@@ -5,7 +5,8 @@ scalar head instead of the LM head (initialised small), reads the reward at the 
 each sequence (from the sequence lengths, or from the segment ids of packed rows; never by looking
 for a pad id), and trains the Bradley-Terry pairwise loss (with Llama-2's margin when records have
 one and optional reward centering) or, for groups of K ranked responses, InstructGPT's K-choose-2
-ranking loss. It reports held-out `accuracy`, `margin`, `rewards/chosen` and `rewards/rejected`
+ranking loss (with the group's margin on each ordered pair and centering per group; on a pair it is
+the pairwise loss). It reports held-out `accuracy`, `margin`, `rewards/chosen` and `rewards/rejected`
 per eval split and writes its own `params/`.
 """
 
@@ -18,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxllm import checkpoint as ckpt_lib
-from jaxllm import config as config_lib
 from jaxllm import objectives
 from jaxllm.data import lm
 from jaxllm.data import preference
@@ -36,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.stage = "reward"
     c.init_from = "sft"
     c.data = preference.default_config()
-    c.center_coef = 0.0  # reward centering (TRL's center_rewards_coefficient); pairs only
+    c.center_coef = 0.0  # reward centering (TRL's center_rewards_coefficient); per pair, or per group for K > 2
     c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=20, weight_decay=0.0)
     c.train.update(steps=300, batch_size=16, eval_every=100, log_every=10)
     c.sample.prompts = ()
@@ -106,7 +105,8 @@ def reward_loss_fn(model_config: llama.LlamaConfig, max_responses: int, center_c
                 pair_mask=pair_mask, center_coef=center_coef)
             sums["pairs"] = sums["count"]
         else:
-            loss_sum, sums = objectives.ranking_reward_loss(rewards, ranks, valid)
+            loss_sum, sums = objectives.ranking_reward_loss(rewards, ranks, valid, center_coef=center_coef,
+                                                            margin=groups["margin"] * groups["has_margin"])
             best = (ranks == 0).astype(jnp.float32) * valid
             worst = (ranks == jnp.max(jnp.where(valid > 0, ranks, -1), axis=1,
                                       keepdims=True)).astype(jnp.float32) * valid
@@ -130,11 +130,12 @@ def init_scalar_params(model_config: llama.LlamaConfig, rng: jax.Array):
     return llama.init(model_config, rng, head="scalar")
 
 
-def backbone_loader(model_config: llama.LlamaConfig, params_dir: pathlib.Path, seed: int):
+def backbone_loader(model_config: llama.LlamaConfig, load_lm, seed: int):
     """`abstract_scalar_params -> params`: the LM's params without its head, plus a fresh scalar head.
 
-    The head is initialised small (`init_std / sqrt(embed)`-scaled normal, see `llama`), so the
-    first rewards are near 0 and the backbone's features drive early training.
+    `load_lm(abstract_lm_params) -> params` reads the language model (`sft.params_loader`). The head
+    is initialised small (`init_std / sqrt(embed)`-scaled normal, see `llama`), so the first rewards
+    are near 0 and the backbone's features drive early training.
     """
 
     def load(abstract):
@@ -142,7 +143,7 @@ def backbone_loader(model_config: llama.LlamaConfig, params_dir: pathlib.Path, s
         if not model_config.tie_embeddings:  # the LM head is read (orbax needs the whole tree) and dropped
             target["lm_head"] = jax.ShapeDtypeStruct((model_config.embed_dim, model_config.vocab_size),
                                                      model_config.param_dtype, sharding=abstract["score_head"].sharding)
-        loaded = ckpt_lib.load_params(params_dir, target)
+        loaded = load_lm(target)
         loaded.pop("lm_head", None)
         fresh = jax.jit(lambda k: nn.unbox(init_scalar_params(model_config, k))["score_head"],
                         out_shardings=abstract["score_head"].sharding)(jax.random.key(seed))
@@ -154,8 +155,7 @@ def backbone_loader(model_config: llama.LlamaConfig, params_dir: pathlib.Path, s
 def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                 mesh: jax.sharding.Mesh | None = None) -> loop.Stage:
     """The reward-model `Stage`."""
-    if config.init_from:
-        config_lib.inherit_model_shape(config, sft.source_stage_dir(config))
+    reader = sft.init_model(config)
     sft.prepare_sources(config)
     pretrain.resolve_vocab(config, tokenizer)
     model_config = llama.LlamaConfig.from_config(config.model)
@@ -174,7 +174,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
                 one, tokenizer, split="eval", global_batch_size=tc.eval_batch_size or tc.batch_size, **common)
     load_params = None
     if config.init_from:
-        load_params = backbone_loader(model_config, sft.source_stage_dir(config) / "params", config.seed)
+        load_params = backbone_loader(model_config, sft.params_loader(config, reader, model_config, mesh), config.seed)
     sequences = tc.batch_size * dc.max_responses  # rows of L tokens, packed or not
     return loop.Stage(
         name=config.stage,

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on conversations (InstructGPT step 1; LIMA, Alpaca, Vicuna recipes).
 
-`jaxllm sft --config configs/sft.py:ARG` starts from the `params/` of the run's pretraining
-stage (resharded onto this stage's mesh), trains next-token prediction on the assistant turns
+`jaxllm sft --config configs/sft.py:ARG` starts from `init_from`: the `params/` of the run's pretraining
+stage (resharded onto this stage's mesh), or a published checkpoint (`hf:DIR`, `hf:ORG/NAME`,
+`gguf:FILE`; `jaxllm.hub.spec`) whose tokenizer and chat template the run then uses; it trains next-token prediction on the assistant turns
 only (`jaxllm.data.chat`), reports held-out loss and `mean_token_accuracy`, and writes its own
 `params/`.
 """
@@ -22,6 +23,7 @@ from jaxllm.data import lm
 from jaxllm.data import sft as sft_data
 from jaxllm.data import stdlib_tasks
 from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.hub import spec as hub_spec
 from jaxllm.models import llama
 from jaxllm.train import loop
 from jaxllm.train import pretrain
@@ -32,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = pretrain.default_config()
     c.stage = "sft"
     c.data = sft_data.default_config()
-    c.init_from = "pretrain"  # stage of RUN_DIR (or init_run_dir) whose params/ to start from; "" = random
+    # where to start: a stage of RUN_DIR (or init_run_dir), hf:DIR | hf:ORG/NAME[@REV] | gguf:FILE; "" = random
+    c.init_from = "pretrain"
     c.init_run_dir = ""  # "" = this run
     c.stdlib_tasks = False  # write the stdlib task sets to RUN_DIR/data/stdlib first (the embedded default)
     c.stdlib_max_examples = 2000  # train examples per stdlib set (keep equal across the stages of a run)
@@ -44,9 +47,38 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def source_stage_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """`RUN_DIR/<init_from>/` (or `init_run_dir/<init_from>/`)."""
-    return pathlib.Path(config.init_run_dir or config.run_dir) / config.init_from
+def source_stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> pathlib.Path:
+    """`RUN_DIR/<stage>/` (or `init_run_dir/<stage>/`); `stage` defaults to `init_from`."""
+    return pathlib.Path(config.init_run_dir or config.run_dir) / (stage or config.init_from)
+
+
+def init_model(config: ml_collections.ConfigDict, source: str | None = None):
+    """Fixes `config.model` from where a stage starts; returns the checkpoint reader or None.
+
+    `source` (default `init_from`) is a model spec (`jaxllm.hub.spec`): a stage of the run, whose
+    `config.json` gives the model shape, or an `hf:` / `gguf:` checkpoint, whose own config does
+    (a contradicting `model.*` key is an error). An empty `source` leaves the config as it is.
+
+    Raises:
+      ConfigError: the source stage has not run; HubError: as `jaxllm.hub.spec.configure_from`.
+    """
+    source = config.init_from if source is None else source
+    if not source:
+        return None
+    if hub_spec.is_external(source):
+        return hub_spec.configure_from(config, source)
+    config_lib.inherit_model_shape(config, source_stage_dir(config, source))
+    return None
+
+
+def params_loader(config: ml_collections.ConfigDict, reader, model_config, mesh, source: str | None = None,
+                  *, head: str = "lm"):
+    """`abstract_params -> params` of `source` (default `init_from`) on `mesh`: the checkpoint of
+    `reader` (from `init_model`) or the source stage's `params/`."""
+    if reader is not None:
+        return hub_spec.params_loader(reader, model_config, mesh, config.mesh.rules, head=head)
+    params_dir = source_stage_dir(config, source) / "params"
+    return lambda abstract: ckpt_lib.load_params(params_dir, abstract)
 
 
 def prepare_sources(config: ml_collections.ConfigDict) -> None:
@@ -67,7 +99,7 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
 
 def chat_sample_fn(config, tokenizer, model_config, max_context: int):
     """`params -> [text]`: greedy answers to `config.sample.prompts` in the chat template."""
-    template = chat.ChatTemplate(tokenizer)
+    template = chat.template_for(tokenizer)
 
     def sample_fn(params):
         prompts = [template.prompt([{"role": "user", "content": p}]).tolist() for p in config.sample.prompts]
@@ -82,8 +114,7 @@ def chat_sample_fn(config, tokenizer, model_config, max_context: int):
 def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                 mesh: jax.sharding.Mesh | None = None) -> loop.Stage:
     """The SFT `Stage`: masked LM loss on assistant tokens, starting from the previous stage."""
-    if config.init_from:
-        config_lib.inherit_model_shape(config, source_stage_dir(config))
+    reader = init_model(config)
     prepare_sources(config)
     pretrain.resolve_vocab(config, tokenizer)
     model_config = llama.LlamaConfig.from_config(config.model)
@@ -95,10 +126,7 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Toke
     if dc.eval_sources:
         eval_data = sft_data.sft_dataset(dc, tokenizer, split="eval",
                                          global_batch_size=tc.eval_batch_size or tc.batch_size, **common)
-    load_params = None
-    if config.init_from:
-        params_dir = source_stage_dir(config) / "params"
-        load_params = lambda abstract: ckpt_lib.load_params(params_dir, abstract)  # noqa: E731
+    load_params = params_loader(config, reader, model_config, mesh) if config.init_from else None
     tokens_per_step = tc.batch_size * dc.seq_len
     return loop.Stage(
         name=config.stage,
