@@ -17,8 +17,16 @@ the per-round speed ratios. Models:
 - `small`: 1.07M parameters, the nanoGPT "baby GPT" shape (4 layers, width 128, 4 heads, MLP 512,
   vocab 65), batch 12 x 64.
 - `large`: 42M parameters (8 layers, width 512, 8 heads, MLP 2048, vocab 8192), batch 16 x 256.
+- `smollm2` / `llama1b` (GPU): SmolLM2-135M's and Llama-3.2-1B's shapes (untied heads here, so
+  both frameworks hold the same parameters), batch 16 x 2048 and 4 x 2048.
 
     python bench/train_throughput.py [--models small,large] [--rounds 5]
+    python bench/train_throughput.py --device gpu --models smollm2,llama1b --rounds 3
+
+With `--device gpu` both train in bfloat16 compute with float32 master weights (jaxllm:
+`model.dtype=bfloat16`, cuDNN attention; torch: `autocast(bfloat16)`, SDPA attention, fused AdamW)
+and the peak is the best bf16 8192^2 matmul of torch and XLA measured in the workers (the
+published dense bf16 peak of the chip is printed beside it).
 
 Needs the `bench` extra (`pip install -e .[bench]`: the pinned torch and transformers).
 """
@@ -43,7 +51,13 @@ MODELS = {
                   batch_size=12, seq_len=64, steps_per_round=20),
     "large": dict(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=8, mlp_dim=2048,
                   batch_size=16, seq_len=256, steps_per_round=2),
+    "smollm2": dict(vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536,
+                    batch_size=16, seq_len=2048, steps_per_round=10),
+    "llama1b": dict(vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, mlp_dim=8192,
+                    batch_size=4, seq_len=2048, steps_per_round=5),
 }
+GPU = os.environ.get("JAXLLM_BENCH_DEVICE", "cpu") == "gpu"  # set by --device for the workers
+GPU_PEAK_SIZE = 8192
 LR, BETAS, WEIGHT_DECAY, CLIP, NORM_EPS, ROPE_THETA = 1e-3, (0.9, 0.95), 0.1, 1.0, 1e-5, 10000.0
 PEAK_SIZE = 2048
 
@@ -76,6 +90,8 @@ class JaxWorker:
         config.model.update({k: spec[k] for k in ("vocab_size", "embed_dim", "num_layers", "num_heads",
                                                   "num_kv_heads", "mlp_dim")})
         config.model.update(norm_eps=NORM_EPS, rope_theta=ROPE_THETA)
+        if GPU:
+            config.model.update(dtype="bfloat16", attention_impl="cudnn")
         config.train.update(batch_size=spec["batch_size"], steps=1000)
         config.optimizer.update(lr=LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
                                 warmup_steps=10)
@@ -97,9 +113,10 @@ class JaxWorker:
             self.batches.append(sharding.global_batch(local, mesh, config.mesh.rules))
         self.params = llama.count_params(self.model)
         self._jax, self._jnp = jax, jnp
-        matrix = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
+        size, dtype = (GPU_PEAK_SIZE, jnp.bfloat16) if GPU else (PEAK_SIZE, jnp.float32)
+        matrix = jnp.ones((size, size), dtype)
         matmul = jax.jit(lambda x: x @ x)
-        self.peak = 2.0 * PEAK_SIZE**3 / best_seconds(lambda: matmul(matrix).block_until_ready())
+        self.peak = 2.0 * size**3 / best_seconds(lambda: matmul(matrix).block_until_ready())
 
     def run(self, steps: int) -> float:
         start = time.perf_counter()
@@ -124,18 +141,29 @@ class TorchWorker:
             num_key_value_heads=spec["num_kv_heads"], max_position_embeddings=spec["seq_len"],
             rms_norm_eps=NORM_EPS, rope_theta=ROPE_THETA, tie_word_embeddings=False, attention_bias=False,
             mlp_bias=False, hidden_act="silu", use_cache=False)
-        self.model = transformers.LlamaForCausalLM(config)
+        self.device = "cuda" if GPU else "cpu"
+        self.model = transformers.LlamaForCausalLM(config).to(self.device)
         self.model.train()
         self.attention = self.model.config._attn_implementation
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS)
-        self.batches = [torch.from_numpy(tokens) for tokens in random_batches(spec)]
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS,
+                                           **({"fused": True} if GPU else {}))
+        self.batches = [torch.from_numpy(tokens).to(self.device) for tokens in random_batches(spec)]
         self.params = sum(p.numel() for p in self.model.parameters())
         self._torch = torch
-        a = torch.randn(PEAK_SIZE, PEAK_SIZE)
-        self.peak = 2.0 * PEAK_SIZE**3 / best_seconds(lambda: a @ a)
+        if GPU:
+            a = torch.randn(GPU_PEAK_SIZE, GPU_PEAK_SIZE, device="cuda", dtype=torch.bfloat16)
+
+            def matmul():
+                a @ a
+                torch.cuda.synchronize()
+
+            self.peak = 2.0 * GPU_PEAK_SIZE**3 / best_seconds(matmul)
+        else:
+            a = torch.randn(PEAK_SIZE, PEAK_SIZE)
+            self.peak = 2.0 * PEAK_SIZE**3 / best_seconds(lambda: a @ a)
 
     def run(self, steps: int) -> float:
         torch = self._torch
@@ -143,12 +171,13 @@ class TorchWorker:
         for i in range(steps):
             tokens = self.batches[i % len(self.batches)]
             # labels == inputs: the model shifts them itself (next-token loss over seq_len - 1 positions).
-            loss = self.model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=GPU):
+                loss = self.model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.loss = float(loss.detach())
+        self.loss = float(loss.detach())  # synchronises the device
         return time.perf_counter() - start
 
 
@@ -171,7 +200,9 @@ class Worker:
     """Parent-side handle of a worker process."""
 
     def __init__(self, framework: str, model: str):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "JAX_PLATFORMS": "cuda" if GPU else "cpu", "JAXLLM_BENCH_DEVICE": "gpu" if GPU else "cpu",
+               # both workers share the GPU: JAX takes 45% of its memory instead of 75% up front
+               "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
         env.pop("XLA_FLAGS", None)  # no forced fake devices: one CPU device, as `jaxllm pretrain` runs
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--model", model],
                                      cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -236,7 +267,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench/out"))
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--published_peak", type=float, default=989e12,
+                        help="the chip's published dense bf16 FLOP/s (GPU; default: H100/H200 SXM)")
     args = parser.parse_args()
+    global GPU
+    GPU = args.device == "gpu" or GPU
+    os.environ["JAXLLM_BENCH_DEVICE"] = "gpu" if GPU else "cpu"
     if args.worker:
         worker_main(args.worker, args.model)
         return
@@ -245,17 +282,23 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
 
-    results = {"numpy_peak": numpy_peak(), "models": {}}
+    results = {"numpy_peak": 0.0 if GPU else numpy_peak(), "device": args.device, "models": {}}
     for name in names:
         results["models"][name] = bench_model(name, args.rounds)
-    peaks = {"numpy": results["numpy_peak"]}
+    peaks = {} if GPU else {"numpy": results["numpy_peak"]}
     for r in results["models"].values():
         peaks["torch"] = max(peaks.get("torch", 0.0), r["torch_peak"])
         peaks["xla"] = max(peaks.get("xla", 0.0), r["xla_peak"])
     peak = max(peaks.values())
     results["peaks"], results["peak"] = peaks, peak
-    print("matmul peak (2048^2 f32): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+    what = "8192^2 bf16" if GPU else "2048^2 f32"
+    print(f"matmul peak ({what}): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
           + f"; MFU below is against {peak / 1e9:.0f}")
+    if GPU:
+        results["published_peak"] = args.published_peak
+        for name, r in results["models"].items():
+            print(f"{name}: MFU against the published {args.published_peak / 1e12:.0f} TFLOP/s: " + ", ".join(
+                f"{k} {r[k]['flops_per_second'] / args.published_peak:.1%}" for k in ("jaxllm", "hf_torch")))
     print(f"\n{'model':8}{'params':>11}{'framework':>11}{'ms/step':>10}{'tokens/s':>10}{'GFLOP/s':>9}"
           f"{'MFU':>7}{'MFU/XLA':>9}{'jax/peer':>10}")
     for name, r in results["models"].items():

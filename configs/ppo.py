@@ -30,6 +30,13 @@ SFT_SETS = ("lima", "oasst_en100", "alpaca_en_demo", "self_instruct_seed", "fast
 PREF_SETS = ("hh_rlhf_harmless_base", "oasst_en100_rankings", "gsm8k_model_solutions")
 
 
+def shared_prompts(c) -> None:
+    """PPO prompts: the prompts of the shared SFT and preference sets (train; test for evaluation)."""
+    for key, split in (("sources", "train"), ("eval_sources", "test")):
+        c.prompts[key] = ";".join([f"jsonl:{{data_root}}/sft/{n}/{split}.jsonl" for n in SFT_SETS] +
+                                  [f"jsonl:{{data_root}}/preference/{n}/{split}.jsonl" for n in PREF_SETS])
+
+
 def get_config(arg: str = "tiny"):
     c = ppo.default_config()
     if arg == "tiny":
@@ -44,10 +51,7 @@ def get_config(arg: str = "tiny"):
         c.optimizer.update(lr=2e-5, min_lr=2e-6, warmup_steps=8)
     elif arg in ("real", "real_llama2"):
         c.run_dir = "runs/shared"
-        c.prompts.sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/train.jsonl" for n in SFT_SETS] +
-                                     [f"jsonl:{{data_root}}/preference/{n}/train.jsonl" for n in PREF_SETS])
-        c.prompts.eval_sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/test.jsonl" for n in SFT_SETS] +
-                                          [f"jsonl:{{data_root}}/preference/{n}/test.jsonl" for n in PREF_SETS])
+        shared_prompts(c)
         c.prompts.max_prompt_len = 192
         c.ppo.max_new_tokens = 64
         c.data.sources = "text:{data_root}/pretrain/*/train.txt"
@@ -68,10 +72,7 @@ def get_config(arg: str = "tiny"):
         c.run_dir = "runs/smollm2"
         c.init_from = SMOLLM2
         c.reward_from = "reward"
-        c.prompts.sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/train.jsonl" for n in SFT_SETS] +
-                                     [f"jsonl:{{data_root}}/preference/{n}/train.jsonl" for n in PREF_SETS])
-        c.prompts.eval_sources = ";".join([f"jsonl:{{data_root}}/sft/{n}/test.jsonl" for n in SFT_SETS] +
-                                          [f"jsonl:{{data_root}}/preference/{n}/test.jsonl" for n in PREF_SETS])
+        shared_prompts(c)
         c.prompts.max_prompt_len = 128
         c.ppo.max_new_tokens = 48
         c.ppo.missing_eos_penalty = 0.0

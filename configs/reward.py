@@ -27,6 +27,10 @@ ARG is one of:
   (`../shared/models`) with a fresh scalar head, on the `real` 2:1:1 pairs in its ChatML template
   (seq 256, 40 steps x 4 pairs, lr 1e-5), into `runs/smollm2` (stage `reward`).
     jaxllm reward --config configs/reward.py:smollm2 --config.data_root=../shared/data
+  Measured (2026-12-04, 2 shared cores, 9 min): on the first 32 test pairs of each set, accuracy
+  HH-harmless 0.469 -> 0.469, OASST 0.656 -> 0.594, GSM8K 0.563 -> 0.656 (all 0.563 -> 0.573, loss
+  0.6922 -> 0.6916): 160 training pairs move a fresh head little; a CPU-sized smoke run of the
+  stage on a published backbone, not a useful reward model (bench/RESULTS.md).
 """
 
 from jaxllm.train import reward

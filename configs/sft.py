@@ -15,6 +15,9 @@ ARG is one of:
   conversation sets in its own ChatML template (seq 256, 40 steps x 8 conversations, lr 2e-5),
   held-out loss on the test splits before and after, into `runs/smollm2`.
     jaxllm sft --config configs/sft.py:smollm2 --config.data_root=../shared/data
+  Measured (2026-12-04, 2 cores shared with a test run): held-out loss on the first 64 test
+  conversations 2.860 -> 2.733 nats/token (token accuracy 0.427 -> 0.441), train loss 2.53 -> 2.17,
+  40 steps in 6 min 53 s (~8.5 s/step, 180-280 tokens/s); bench/RESULTS.md.
 """
 
 from jaxllm.train import sft

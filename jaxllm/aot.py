@@ -2,10 +2,10 @@
 
 `jaxllm compile --config configs/pretrain.py:llama2_7b --topology v5p:4x4x4` lowers and compiles
 the jitted train step (same code path as training: `loop.compile_stage`) for the devices of a
-Cloud TPU slice described by `libtpu` (`pip install 'jaxllm[tpu]'`; run with `JAX_PLATFORMS=cpu`
-so no TPU backend is started), and prints per-chip memory (parameters, optimizer state, batch,
-XLA temporaries) against the chip's HBM, the step's FLOPs, and whether it fits. `--suggest` tries
-growing slices of the same generation and reports the smallest that fits.
+Cloud TPU slice described by `libtpu` (`pip install 'jaxllm[tpu]'`; on a machine without TPU chips
+the command line starts no TPU backend, `jaxllm.console`), and prints per-chip memory (parameters,
+optimizer state, batch, XLA temporaries) against the chip's HBM, the step's FLOPs, and whether it
+fits. `--suggest` tries growing slices of the same generation and reports the smallest that fits.
 
 The step is the one the config's pretraining stage trains: causal-LM pretraining
 (`jaxllm.train.pretrain`), or span corruption (`jaxllm.train.pretrain_t5`: a T5 encoder-decoder,
@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxllm import console
 from jaxllm import sharding
 from jaxllm.data import span_corruption
 from jaxllm.models import llama
@@ -121,6 +122,7 @@ def topology_devices(topology: str) -> list[Any]:
     # A compile-only client opens no chip, so the lock that keeps two processes off one host's
     # TPUs would only stop two `jaxllm compile` (or a test and its subprocess) running together.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    console.quiet_compile_only_libtpu()
     from jax.experimental import topologies
 
     try:

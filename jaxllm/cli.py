@@ -22,6 +22,14 @@ sample, generate, chat and score take `--model SPEC` instead of `--run`: a publi
 
 Errors in configs and data (unknown key, bad mesh, missing file, malformed line ...) print one
 line naming the key, file or line, and exit with status 2.
+
+Platform and console (`jaxllm.console`): on a Cloud TPU VM commands run on the TPU. On a machine
+without TPU chips, where libtpu is installed for `compile`, JAX_PLATFORMS is set to "cpu" ("cuda,cpu"
+with a JAX CUDA plugin) so libtpu never tries to start; a JAX_PLATFORMS you set is kept as it is.
+`compile --topology` still compiles for TPU slices there, with libtpu as a compiler only. The
+console shows jaxllm's own lines and progress; `--verbosity=debug` on any command (or
+JAXLLM_VERBOSITY=debug) brings back the INFO lines of JAX, absl, orbax and grain and XLA's C++
+logs; `--verbosity=warning` keeps warnings and errors only.
 """
 
 from __future__ import annotations
@@ -32,17 +40,12 @@ import os
 import sys
 from typing import Sequence
 
+from jaxllm import console
+
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
           "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
 COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score", "export")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "etils", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -450,11 +453,16 @@ def cmd_score(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxllm` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        verbosity, argv = console.pop_verbosity(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    _setup_logging()
+    console.choose_platforms()  # before any command imports JAX
+    console.setup_logging(verbosity)
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES:

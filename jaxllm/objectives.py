@@ -377,11 +377,21 @@ def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
     return jnp.sum(0.5 * jnp.maximum(err, err_clipped) * mask), sums
 
 
-def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, n_steps: int, horizon: int) -> float:
-    """Adaptive KL controller of Ziegler et al. (2019), section 2.2.
+def adaptive_kl_coef(kl_coef: jax.Array, current_kl: jax.Array, target: float, n_steps: int,
+                     horizon: int) -> jax.Array:
+    """Adaptive KL controller of Ziegler et al. (2019), section 2.2 (PPO's `ppo.adaptive_kl`).
 
     `e = clip(KL / target - 1, -0.2, 0.2)`, `beta <- beta (1 + e n / horizon)` where `n` is the
     number of samples (episodes) since the last update.
+
+    Args:
+      kl_coef: scalar beta (float or float32 array; traceable under `jit`).
+      current_kl: scalar mean KL per episode (nats per sequence) of the last rollout.
+      target: the KL target (nats per sequence); n_steps: episodes since the last update;
+      horizon: episodes.
+
+    Returns:
+      Scalar float32 new beta.
     """
-    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + error * n_steps / horizon)
+    error = jnp.clip(jnp.asarray(current_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
+    return jnp.asarray(kl_coef, jnp.float32) * (1.0 + error * n_steps / horizon)

@@ -224,16 +224,11 @@ def _has_accelerator_plugin() -> bool:
     chips (libtpu alone, as installed for ahead-of-time compilation, starts no TPU backend here)."""
     import importlib.util
 
-    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
-        return True
-    if importlib.util.find_spec("libtpu") is None:
-        return False
-    try:
-        from jax._src import hardware_utils
+    from jaxllm import console
 
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except (ImportError, AttributeError, OSError):
+    if console.has_cuda_plugin():
         return True
+    return importlib.util.find_spec("libtpu") is not None and console.tpu_chip_count() > 0
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

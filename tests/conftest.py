@@ -46,3 +46,9 @@ def shared_models() -> pathlib.Path:
     if not (SHARED_MODELS / SMOLLM2_GGUF).is_file():
         pytest.skip(f"{SHARED_MODELS / SMOLLM2_GGUF} not found (the shared model bundle)")
     return SHARED_MODELS
+
+
+@pytest.fixture(scope="session")
+def transformers():
+    """The `transformers` module (the parity peer, `pip install -e .[hf]`), or a skip without it."""
+    return pytest.importorskip("transformers", reason="transformers (the parity peer extra) is not installed")

@@ -168,11 +168,6 @@ PROMPTS = [[{"role": "user", "content": "Hi!"}],
 
 
 @pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers", reason="transformers (the parity peer extra) is not installed")
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_tok")
     return {"bpe": fx.byte_level_bpe(root / "bpe", {}), "sp": fx.sentencepiece_llama(root / "sp", {}), "root": root}

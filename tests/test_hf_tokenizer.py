@@ -41,11 +41,6 @@ TEXTS = ["Hello world", "", " ", "  two leading spaces", "trailing  ", "\n\nnewl
 
 
 @pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers", reason="transformers (the parity peer extra) is not installed")
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_tok")
     bpe = fx.byte_level_bpe(root / "bpe_base", {})

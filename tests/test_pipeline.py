@@ -157,8 +157,12 @@ def test_first_ppo_minibatch_has_ratio_one(env, reference, tmp_path):
     gradient computation, where XLA picks other layouts and fusions than for the scoring pass, and
     about one token in ten differs by one ulp (measured: approxkl 2.5e-14, an RMS log-ratio of
     2.2e-7, one ulp of a log-prob near -6 being 4.8e-7). One ulp on every token of log-probs above
-    -16 (ulp 1.9e-6) bounds approxkl = mean(log_ratio^2 / 2) by 1.8e-12; a misaligned token or a
-    temperature mismatch gives values many orders above that.
+    -16 (ulp 1.9e-6) bounds approxkl = mean(log_ratio^2 / 2) by 1.8e-12.
+
+    Old and new log-probs both come from `ppo.response_logprobs`, so this cannot see a misaligned
+    token or a temperature mismatch; `test_ppo_rewards.py::
+    test_response_logprobs_equal_the_samplers_and_a_float64_forward` pins those against the
+    sampler's own log-probs and a float64 forward.
     """
     ref_dir, _ = reference
     run_dir = tmp_path / "run"

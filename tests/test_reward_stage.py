@@ -9,6 +9,8 @@
   one group per row.
 - DPO at step 0: the policy is the reference, so every log-ratio is 0, the sigmoid loss is log 2
   and the implicit rewards and margins are 0 (through the reference table and the loss fn).
+- DPO after one step (sigmoid, IPO, hinge, cDPO): the chosen-minus-rejected log-ratio rises, and
+  the reported loss equals the papers' formulas in float64 on the stage's own log-probs.
 - K = 3 ranked groups with Llama-2 margins and reward centering: the first step's loss against a
   float64 enumeration.
 - The DPO reference cache is keyed by the reference params' values (a mesh-independent
@@ -22,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxllm import checkpoint as ckpt_lib
@@ -289,6 +292,61 @@ def test_dpo_loss_at_step_zero_is_log_2(run, tmp_path, groups_per_row):
     np.testing.assert_allclose(float(loss_sum) / count, math.log(2.0), rtol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(float(sums[key]) / count) < 1e-6 * abs(logps), key
+
+
+def np_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, eps):
+    """Per-pair DPO-family losses in float64, from the papers: DPO (Rafailov et al. 2023, eq. 7)
+    with cDPO's label smoothing `eps` (Mitchell 2023), IPO (Azar et al. 2023, eq. 17), hinge
+    (SLiC, Zhao et al. 2023)."""
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "sigmoid":  # -log sigmoid(x) = log(1 + exp(-x))
+        return (1 - eps) * np.log1p(np.exp(-beta * h)) + eps * np.log1p(np.exp(beta * h))
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return np.maximum(0.0, 1 - beta * h)
+
+
+def test_one_dpo_step_raises_the_log_ratio_and_reports_the_float64_loss(run, tmp_path):
+    """At step 0 the policy is the reference (h = 0), so the loss is the same whatever the sign
+    or beta. One gradient step of the stage's loss fn must raise the chosen-minus-rejected
+    log-ratio h for every loss (sigmoid, IPO, hinge, cDPO); after it (h != 0) the loss the stage
+    reports equals the papers' formulas in float64 on the stage's own policy and reference log-probs."""
+    root, tok, model_config, sft_params, path = run
+    config = stage_config(dpo, root, path)
+    mesh, rules = one_device_mesh(config), config.mesh.rules
+    groups = preference.preference_groups(config.data, tok, split="train", seed=config.seed,
+                                          cache_dir=str(tmp_path / "cache"))
+    table = dpo.reference_table(model_config, sft_params,
+                                lambda only: preference.batch_groups(groups.view(only), global_batch_size=4),
+                                groups.num_groups, mesh, rules, tmp_path / "ref.npz",
+                                needed=preference.visited_groups(groups, 4, 1))
+    batch = dpo.with_reference(preference.batch_groups(groups, global_batch_size=4), table)[0]
+    flat = preference.flat_groups(batch)
+    pairs = flat["response_mask"].all(axis=1)
+    ref = np.asarray(flat["ref_logps"], np.float64)[pairs]
+    logps = jax.jit(lambda p, b: dpo.group_logps(model_config, p, b))
+    for loss_type, eps, beta in [("sigmoid", 0.0, 0.1), ("ipo", 0.0, 0.5), ("hinge", 0.0, 0.2), ("sigmoid", 0.2, 0.1)]:
+        config.dpo.update(loss_type=loss_type, label_smoothing=eps, beta=beta)
+        loss_fn = dpo.dpo_loss_fn(model_config, config.dpo)
+
+        def mean_loss(params, batch):
+            loss_sum, sums = loss_fn(params, batch, None)
+            return loss_sum / sums["count"]
+
+        with sharding.activate(mesh, rules):
+            b = sharding.global_batch(batch, mesh, rules)
+            grads = jax.jit(jax.grad(mean_loss))(sft_params, b)
+            # One normalised gradient step: the same small move for every loss's gradient scale.
+            size = 0.005 / float(optax.tree.norm(grads))
+            params = jax.tree.map(lambda x, g: x - size * g, sft_params, grads)
+            loss_sum, sums = jax.jit(loss_fn)(params, b, None)
+            got = np.asarray(logps(params, b), np.float64)[pairs]
+        h = (got[:, 0] - ref[:, 0]) - (got[:, 1] - ref[:, 1])
+        assert np.abs(h).max() < 5.0 and h.mean() > 0.05, (loss_type, eps, h)  # moved, the right way
+        reported = dpo.summarize({"loss_sum": float(loss_sum), **{k: float(v) for k, v in sums.items()}})
+        want = np_dpo_loss(got[:, 0], got[:, 1], ref[:, 0], ref[:, 1], beta, loss_type, eps)
+        np.testing.assert_allclose(reported["loss"], want.mean(), rtol=1e-5, err_msg=f"{loss_type} eps={eps}")
+        np.testing.assert_allclose(reported["rewards/margins"], beta * h.mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_reference_covers_the_visited_groups_and_extends_its_cache(run, tmp_path, monkeypatch):

@@ -77,8 +77,10 @@ def test_random_spans_noise_mask_published_counts():
 def test_t5_float32_rounding():
     # T5's mask counts in float32: 190 * f32(0.15) = 28.500002 rounds to 29, where the float64
     # arithmetic of random_spans_helper gives 28.5 -> 28 (half to even).
+    # By hand: f32(0.15) = 10066330 / 2**26 (0.15 * 2**26 = 10066329.6 rounds up), so
+    # 190 * f32(0.15) = 28.5 + 76 / 2**26 > 28.5 -> 29, where the exact 28.5 would round to 28.
     assert sc.noise_counts(190, 0.15, 3.0) == (29, 10)
-    assert round(190 * 0.15) == 28
+    assert sc.noise_counts(10, 0.25, 3.0) == (2, 1)  # 2.5 is exact in float32: half to even -> 2
     assert sc.noise_counts(10, 0.15, 3.0) == (2, 1)  # 1.5 rounds half to even -> 2
     assert sc.noise_counts(1, 0.15, 3.0) == (1, 1)  # computed on length 2 ...
     assert not sc.random_spans_noise_mask(1, 0.15, 3.0, np.random.default_rng(0)).any()  # ... then cut
@@ -206,6 +208,33 @@ def test_packed_rows_reconstruct_each_document_piece():
         assert 1 <= len(segs) <= len(pieces)
 
 
+def test_short_documents_get_more_noise_than_noise_density():
+    """Each packed piece is corrupted on its own (module docstring, unlike t5x, which concatenates
+    documents first), with at least one noise token: short pieces get far more noise than
+    `noise_density`. Counted from the rows: noise = decoder targets that are neither sentinel nor
+    eos, non-noise = encoder inputs that are neither."""
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(10, 500, n).tolist() for n in rng.integers(2, 6, 1000)]  # 2 to 5 tokens
+    (rows,), _, sentinels, _ = corrupted(docs, inputs_length=64)
+    # By hand, r = 0.15: round(n r) is 0 for n <= 3 and 1 for n = 4, 5 (0.6, 0.75); at least 1.
+    want_noise = {2: 1, 3: 1, 4: 1, 5: 1}
+    special = set(sentinels.tolist()) | {1}
+    noise = total = pieces = 0
+    for i in range(min(len(rows), 40)):
+        ex = rows[i]
+        segs = np.unique(ex["encoder_segment_ids"][ex["encoder_segment_ids"] > 0])
+        for s in segs[:-1]:  # the last piece of a row may be cut
+            enc = ex["encoder_input_tokens"][ex["encoder_segment_ids"] == s]
+            dec = ex["decoder_target_tokens"][ex["decoder_segment_ids"] == s]
+            n_noise = sum(t not in special for t in dec.tolist())
+            n = n_noise + sum(t not in special for t in enc.tolist())
+            if n in want_noise:
+                assert n_noise == want_noise[n], (n, enc, dec)
+                noise, total, pieces = noise + n_noise, total + n, pieces + 1
+    assert pieces > 100
+    assert noise / total > 0.25  # vs noise_density = 0.15 (e.g. 2-token pieces: 0.5)
+
+
 def test_corruption_is_a_pure_function_of_seed_and_index():
     rng = np.random.default_rng(5)
     docs = random_docs(rng, 30, 50, 200)
@@ -258,9 +287,10 @@ def test_prefix_lm_rows_and_attention_mask():
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
     prefix = np.array([[1, 1, 0, 0, 1, 0, 0, 0]])
     mask = sc.prefix_lm_attention_mask(seg, prefix)
-    want = np.zeros((8, 8), bool)
-    for i, j in itertools.product(range(8), range(8)):
-        want[i, j] = seg[0, i] == seg[0, j] and (j <= i or (prefix[0, i] and prefix[0, j]))
+    # By hand: row i lists the keys query i may attend to. Prefix queries 0, 1 see the prefix {0, 1};
+    # targets 2, 3 are causal; piece 2's prefix query 4 sees only itself; padding 7 only itself.
+    want = np.array([[int(c) for c in r] for r in
+                     "11000000 11000000 11100000 11110000 00001000 00001100 00001110 00000001".split()], bool)
     np.testing.assert_array_equal(mask[0], want)
     assert mask[0, 0, 1] and not mask[0, 1, 2] and not mask[0, 4, 3]
 

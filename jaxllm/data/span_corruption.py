@@ -29,11 +29,16 @@ such pieces, so they are the three highest sentinels, never used for corruption:
 
 **Pipeline** (`t5_dataset`). The corpus is tokenized once (`lm.tokenize_corpus`, no bos/eos: T5
 appends eos per example) and cut into shuffled windows of `raw_length` tokens (`lm.PackedRows`, a
-pure function of (seed, index)). Packing follows t5x: each document piece of a window (a segment) is
-corrupted on its own (a `numpy` Generator seeded by (seed, stream, example index)), then the pieces
-are packed into the encoder and decoder rows with matching segment ids (1, 2, ...; 0 = padding) and
-positions restarting at 0. A one-document window fills the rows exactly (`random_spans_helper`
-lengths); several pieces cost an eos each and per-piece rounding, so a piece that does not fit is
+pure function of (seed, index)). Each document piece of a window (a segment) is corrupted on its
+own (a `numpy` Generator seeded by (seed, stream, example index)), then the pieces are packed into
+the encoder and decoder rows with matching segment ids (1, 2, ...; 0 = padding) and positions
+restarting at 0, as t5x packs. **Unlike T5/t5x**, which concatenate documents before corrupting
+(`merge_examples_to_reduce_padding`, so the noise is `noise_density` of the token stream), every
+piece gets its own noise counts, sentinels and eos, with at least one noise token: a long piece
+gets `noise_density`, a short one more (`round(n r)` is 0 for `n <= 3` at r = 0.15, so a 2-token
+piece is 50% noise, a 4-token one 25%), and a window of many short documents spends a sentinel and
+an eos per document. Filter out very short documents where the density matters. A one-document
+window fills the rows exactly (`random_spans_helper` lengths); several pieces cost an eos each and per-piece rounding, so a piece that does not fit is
 cut to its longest prefix whose (deterministic) corrupted lengths fit and the window's rest is
 dropped. Each denoiser reads its own window stream (raw lengths differ); `grain.MapDataset.mix`
 interleaves them deterministically, realising the rates exactly rather than iid as UL2's

@@ -21,7 +21,14 @@ state's `extra`. One train step is one PPO iteration, jitted end to end:
    (+ ptx_coef * pretraining LM loss)`, each term a mean over the minibatch's response tokens
    (the ptx term over its real target tokens: InstructGPT eq. 2's `gamma E_pretrain[log pi]`, per
    token).
-6. Adaptive KL coefficient (Ziegler et al. 2019, section 2.2) when `ppo.adaptive_kl`.
+6. Adaptive KL coefficient (`objectives.adaptive_kl_coef`, Ziegler et al. 2019, section 2.2) when
+   `ppo.adaptive_kl`, from the rollout's mean per-sequence KL, with `n` = the iteration's
+   `train.batch_size` episodes.
+
+The pretraining mix: each iteration reads one batch of `ppo.ptx_batch_size` rows, split into
+`ppo.minibatches` chunks; minibatch j of every epoch uses chunk j, so each ptx row is seen once per
+epoch (`ppo.epochs` times per iteration), as each rollout row is. Steps 1-4 are `collect`, the
+loss of step 5 is `minibatch_loss`.
 
 Learning-rate warmup and decay count optimizer updates (`steps x epochs x minibatches`).
 """
@@ -159,6 +166,98 @@ def ended_with_stop(responses: jax.Array, lengths: jax.Array, stop_ids) -> jax.A
     return jnp.isin(last, jnp.asarray(stop_ids)) & (lengths > 0)
 
 
+def collect(model_config: llama.LlamaConfig, c: ml_collections.ConfigDict, params, extra, batch, rng: jax.Array, *,
+            stop_ids, pad_id: int, max_context: int):
+    """Steps 1-4 of the module docstring: rollout, scoring, per-token rewards, advantages.
+
+    Args:
+      model_config: the policy's (and every other model's) architecture.
+      c: the `ppo` config section.
+      params: `{"policy", "value"}`; extra: `{"ref", "reward", ["safety_reward"], "kl_coef"}`.
+      batch: `prompt_tokens` `[b, P]` left-padded, `prompt_lengths` `[b]`, `prompt_is_safety` `[b]`.
+      rng: the rollout's key.
+
+    Returns:
+      `(rollout, aux)`, no gradients. `rollout` holds what the updates read: `seq`, `positions`,
+      `segment_ids` `[b, P + N]` and `mask`, `old_logprobs`, `old_values`, `advantages`, `returns`
+      `[b, N]`. `aux` holds the rest: `responses`, `sample_logprobs` (the sampler's own), `ref_logprobs`,
+      `kl` (per-token estimate, 0 off the response), `rewards`, `entropy` `[b, N]`; `lengths`,
+      `score` (raw, minus the missing-eos penalty), `final` (what enters the rewards), `ended`,
+      `by_safety` `[b]`.
+    """
+    policy, value = params["policy"], params["value"]
+    prompt_tokens, prompt_lengths = batch["prompt_tokens"], batch["prompt_lengths"]
+    n_new = c.max_new_tokens
+
+    # ---- 1. Rollout --------------------------------------------------------------------------
+    out = sampling.rollout(model_config, policy, prompt_tokens, prompt_lengths, rng, max_new_tokens=n_new,
+                           temperature=c.temperature, stop_ids=stop_ids, max_context=max_context, pad_id=pad_id)
+    responses, lengths = out.tokens, out.lengths
+    view, mask = response_view(prompt_tokens, prompt_lengths, responses, lengths)
+
+    # ---- 2. Scoring --------------------------------------------------------------------------
+    old_logprobs, logits = response_logprobs(model_config, policy, view, c.temperature)
+    ref_logprobs, _ = response_logprobs(model_config, extra["ref"], view, c.temperature)
+    old_values = response_values(model_config, value, view)
+    ended = ended_with_stop(responses, lengths, stop_ids)
+    score, by_safety = response_scores(model_config, extra, view, lengths, batch["prompt_is_safety"],
+                                       safety_threshold=c.safety_threshold)
+    score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
+    # Metrics report the raw scores; the rewards use the whitened ones when asked.
+    final = objectives.whiten(score, jnp.ones_like(score)) if c.whiten_scores else score
+    probs = jax.nn.softmax(logits, axis=-1)
+    entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+    # ---- 3-4. Rewards, advantages ------------------------------------------------------------
+    kl = objectives.kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator) * mask
+    rewards = -extra["kl_coef"] * kl
+    rewards = rewards + jax.nn.one_hot(jnp.maximum(lengths - 1, 0), n_new) * final[:, None] * (lengths > 0)[:, None]
+    advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
+    if c.whiten_advantages:
+        advantages = objectives.whiten(advantages, mask)
+    seq, positions, segment_ids, _, _ = view
+    rollout = dict(seq=seq, positions=positions, segment_ids=segment_ids, mask=mask, old_logprobs=old_logprobs,
+                   old_values=old_values, advantages=advantages, returns=returns)
+    aux = dict(responses=responses, sample_logprobs=out.logprobs, ref_logprobs=ref_logprobs, kl=kl, rewards=rewards,
+               entropy=entropy, lengths=lengths, score=score, final=final, ended=ended, by_safety=by_safety)
+    return jax.lax.stop_gradient((rollout, aux))
+
+
+def minibatch_loss(model_config: llama.LlamaConfig, c: ml_collections.ConfigDict, params, m, ptx_chunk=None):
+    """Step 5's loss of one minibatch: `policy_loss + vf_coef * value_loss (+ ptx_coef * ptx_loss)`.
+
+    Args:
+      params: `{"policy", "value"}` being trained.
+      m: rows of `collect`'s `rollout` (`seq` `[mb, P + N]`, the rest `[mb, N]`).
+      ptx_chunk: a pretraining-mix batch (`inputs`, `targets`, `positions`, `segment_ids`, `loss_mask`)
+        or None; used when `c.ptx_coef > 0`.
+
+    Returns:
+      `(total, stats)`: the clipped policy and value losses (`objectives.ppo_policy_loss`,
+      `objectives.ppo_value_loss`) each a mean over the minibatch's response tokens, the ptx term a
+      mean over its real target tokens.
+    """
+    n_new = m["mask"].shape[1]
+    mview = (m["seq"], m["positions"], m["segment_ids"], m["seq"].shape[1] - n_new, n_new)
+    logprobs, _ = response_logprobs(model_config, params["policy"], mview, c.temperature)
+    values = response_values(model_config, params["value"], mview)
+    pl, ps = objectives.ppo_policy_loss(logprobs, m["old_logprobs"], m["advantages"], m["mask"], c.clip)
+    vl, vs = objectives.ppo_value_loss(values, m["old_values"], m["returns"], m["mask"], c.vf_clip)
+    n = jnp.maximum(ps["count"], 1.0)
+    total = pl / n + c.vf_coef * vl / n
+    stats = {"loss/policy": pl / n, "loss/value": vl / n, "policy/approxkl": ps["approxkl"] / n,
+             "policy/clipfrac": ps["clipfrac"] / n, "policy/ratio": ps["ratio"] / n,
+             "val/clipfrac": vs["clipfrac"] / n}
+    if ptx_chunk is not None and c.ptx_coef > 0:
+        lg = llama.apply(model_config, params["policy"], ptx_chunk["inputs"], ptx_chunk["positions"],
+                         ptx_chunk["segment_ids"])
+        ptx_sum, ptx_sums = objectives.lm_loss(lg, ptx_chunk["targets"], ptx_chunk["loss_mask"])
+        ptx_loss = ptx_sum / jnp.maximum(ptx_sums["num_tokens"], 1.0)
+        total = total + c.ptx_coef * ptx_loss
+        stats["loss/ptx"] = ptx_loss
+    return total, stats
+
+
 def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict, stop_ids, pad_id: int):
     """`(tx, schedule) -> step(state, batch) -> (state, metrics)`: one PPO iteration (module docstring)."""
     c = config.ppo
@@ -168,43 +267,13 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
     def build(tx: optax.GradientTransformation, schedule: optax.Schedule):
         def step(state: loop.TrainState, batch):
             rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-            policy, value = state.params["policy"], state.params["value"]
             extra = state.extra
-            prompt_tokens, prompt_lengths = batch["prompt_tokens"], batch["prompt_lengths"]
-            b, p = prompt_tokens.shape
-
-            # ---- 1. Rollout ------------------------------------------------------------------
-            out = sampling.rollout(model_config, policy, prompt_tokens, prompt_lengths, rng, max_new_tokens=n_new,
-                                   temperature=c.temperature, stop_ids=stop_ids, max_context=max_context,
-                                   pad_id=pad_id)
-            responses, lengths = out.tokens, out.lengths
-            view, mask = response_view(prompt_tokens, prompt_lengths, responses, lengths)
-
-            # ---- 2. Scoring (no gradients) --------------------------------------------------------
-            old_logprobs, logits = response_logprobs(model_config, policy, view, c.temperature)
-            ref_logprobs, _ = response_logprobs(model_config, extra["ref"], view, c.temperature)
-            old_values = response_values(model_config, value, view)
-            ended = ended_with_stop(responses, lengths, stop_ids)
-            score, by_safety = response_scores(model_config, extra, view, lengths, batch["prompt_is_safety"],
-                                               safety_threshold=c.safety_threshold)
-            score = score - c.missing_eos_penalty * (1.0 - ended.astype(jnp.float32))
-            # Metrics report the raw scores; the rewards use the whitened ones when asked.
-            final = objectives.whiten(score, jnp.ones_like(score)) if c.whiten_scores else score
-            probs = jax.nn.softmax(logits, axis=-1)
-            entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-
-            # ---- 3-4. Rewards, advantages ---------------------------------------------------
-            kl = objectives.kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator) * mask
+            b = batch["prompt_tokens"].shape[0]
             kl_coef = extra["kl_coef"]
-            rewards = -kl_coef * kl
-            rewards = rewards + jax.nn.one_hot(jnp.maximum(lengths - 1, 0), n_new) * final[:, None] * (lengths > 0)[:, None]
-            advantages, returns = objectives.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
-            if c.whiten_advantages:
-                advantages = objectives.whiten(advantages, mask)
-            seq, positions, segment_ids, _, _ = view
-            rollout = dict(seq=seq, positions=positions, segment_ids=segment_ids, mask=mask,
-                           old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
-            rollout = jax.lax.stop_gradient(rollout)
+
+            # ---- 1-4. Rollout, scoring, rewards, advantages ---------------------------------
+            rollout, aux = collect(model_config, c, state.params, extra, batch, rng, stop_ids=stop_ids,
+                                   pad_id=pad_id, max_context=max_context)
 
             # ---- 5. Epochs x minibatches ----------------------------------------------------
             mb = b // minibatches
@@ -216,29 +285,11 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
                 params, opt_state = carry
                 rows, i = xs
                 m = jax.tree.map(lambda x: x[rows], rollout)
-
-                def loss_fn(params):
-                    mview = (m["seq"], m["positions"], m["segment_ids"], p, n_new)
-                    logprobs, _ = response_logprobs(model_config, params["policy"], mview, c.temperature)
-                    values = response_values(model_config, params["value"], mview)
-                    pl, ps = objectives.ppo_policy_loss(logprobs, m["old_logprobs"], m["advantages"], m["mask"], c.clip)
-                    vl, vs = objectives.ppo_value_loss(values, m["old_values"], m["returns"], m["mask"], c.vf_clip)
-                    n = jnp.maximum(ps["count"], 1.0)
-                    total = pl / n + c.vf_coef * vl / n
-                    stats = {"loss/policy": pl / n, "loss/value": vl / n, "policy/approxkl": ps["approxkl"] / n,
-                             "policy/clipfrac": ps["clipfrac"] / n, "policy/ratio": ps["ratio"] / n,
-                             "val/clipfrac": vs["clipfrac"] / n}
-                    if ptx is not None and c.ptx_coef > 0:
-                        chunk = jax.tree.map(lambda x: x.reshape((minibatches, -1) + x.shape[1:])[i % minibatches], ptx)
-                        lg = llama.apply(model_config, params["policy"], chunk["inputs"], chunk["positions"],
-                                         chunk["segment_ids"])
-                        ptx_sum, ptx_sums = objectives.lm_loss(lg, chunk["targets"], chunk["loss_mask"])
-                        ptx_loss = ptx_sum / jnp.maximum(ptx_sums["num_tokens"], 1.0)
-                        total = total + c.ptx_coef * ptx_loss
-                        stats["loss/ptx"] = ptx_loss
-                    return total, stats
-
-                (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                # Minibatch j of every epoch takes ptx chunk j (module docstring).
+                chunk = None if ptx is None else jax.tree.map(
+                    lambda x: x.reshape((minibatches, -1) + x.shape[1:])[i % minibatches], ptx)
+                (total, stats), grads = jax.value_and_grad(
+                    lambda q: minibatch_loss(model_config, c, q, m, chunk), has_aux=True)(params)
                 updates, opt_state = tx.update(grads, opt_state, params)
                 stats = {**stats, "loss": total, "grad_norm": optax.tree.norm(grads)}
                 return (optax.apply_updates(params, updates), opt_state), stats
@@ -248,12 +299,13 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
             stats = jax.tree.map(jnp.mean, stats)
 
             # ---- 6. KL controller, metrics --------------------------------------------------
-            seq_kl = jnp.sum(kl, axis=1)
+            mask, returns, old_values = rollout["mask"], rollout["returns"], rollout["old_values"]
+            score, lengths = aux["score"], aux["lengths"]
+            seq_kl = jnp.sum(aux["kl"], axis=1)
             mean_kl = jnp.mean(seq_kl)
             new_kl_coef = kl_coef
-            if c.adaptive_kl:
-                error = jnp.clip(mean_kl / c.kl_target - 1.0, -0.2, 0.2)
-                new_kl_coef = kl_coef * (1.0 + error * b / c.kl_horizon)
+            if c.adaptive_kl:  # one update per iteration of b episodes
+                new_kl_coef = objectives.adaptive_kl_coef(kl_coef, mean_kl, c.kl_target, b, c.kl_horizon)
             residual = (returns - old_values) * mask
             var = lambda x: objectives.masked_mean(jnp.square(x - objectives.masked_mean(x, mask)), mask)  # noqa: E731
             metrics = {
@@ -266,13 +318,13 @@ def make_step(model_config: llama.LlamaConfig, config: ml_collections.ConfigDict
                 "objective/kl_coef": kl_coef,
                 "objective/scores": jnp.mean(score),
                 "objective/rlhf_reward": jnp.mean(score - kl_coef * seq_kl),
-                "objective/entropy": objectives.masked_mean(entropy, mask),
+                "objective/entropy": objectives.masked_mean(aux["entropy"], mask),
                 "val/var_explained": 1.0 - var(residual) / jnp.maximum(var(returns), 1e-8),
                 "completions/mean_length": jnp.mean(lengths.astype(jnp.float32)),
-                "completions/missing_eos_rate": 1.0 - jnp.mean(ended.astype(jnp.float32)),
+                "completions/missing_eos_rate": 1.0 - jnp.mean(aux["ended"].astype(jnp.float32)),
             }
             if "safety_reward" in extra:
-                metrics["objective/safety_reward_rate"] = jnp.mean(by_safety.astype(jnp.float32))
+                metrics["objective/safety_reward_rate"] = jnp.mean(aux["by_safety"].astype(jnp.float32))
             new_state = loop.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                         extra={**extra, "kl_coef": new_kl_coef})
             return new_state, metrics
