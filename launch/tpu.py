@@ -215,9 +215,13 @@ def setup_script(args: argparse.Namespace) -> str:
         f"{pip} install --quiet --upgrade pip",
     ]
     if args.repo_url:
+        # A pinned commit, not the branch tip: a pod recreated after preemption and set up again
+        # resumes its run with the code the run started with.
+        ref = shlex.quote(args.repo_ref)
         lines += [
-            f'if [ -d "$HOME/{REMOTE_DIR}/.git" ]; then git -C {_home(REMOTE_DIR)} pull --ff-only; '
-            f"else git clone {shlex.quote(args.repo_url)} {_home(REMOTE_DIR)}; fi",
+            f'if [ ! -d "$HOME/{REMOTE_DIR}/.git" ]; then git clone {shlex.quote(args.repo_url)} {_home(REMOTE_DIR)}; fi',
+            f"git -C {_home(REMOTE_DIR)} fetch --quiet origin",
+            f"git -C {_home(REMOTE_DIR)} checkout --quiet --detach {ref}",
             f"cd {_home(REMOTE_DIR)}",
             f"{pip} install --quiet -e {shlex.quote('.' + extras)}",
         ]
@@ -235,6 +239,20 @@ def setup_script(args: argparse.Namespace) -> str:
         f"\"with jax\", jax.__version__)'",
     ]
     return "; ".join(lines)
+
+
+def _local_head() -> str:
+    """The HEAD commit of the checkout this launcher runs from (the `--repo-ref` default).
+
+    Raises:
+      ValueError: not a git checkout: give `--repo-ref`.
+    """
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        raise ValueError(f"--repo-ref: {REPO_ROOT} is not a git checkout; give the commit to run") from None
+    return out.stdout.strip()
 
 
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -425,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--repo-url", help="git URL of jaxllm to clone on every worker (setup)")
     src.add_argument("--wheel", help="local jaxllm wheel to upload to every worker (setup)")
+    p.add_argument("--repo-ref", default="", help="with --repo-url: the commit (or tag) every worker checks out "
+                   "(default: this checkout's HEAD commit, which must be pushed)")
     p.add_argument("--configs-dir", default=str(REPO_ROOT / "configs"),
                    help="with --wheel: the configs/ directory uploaded beside it (default: %(default)s)")
     p.add_argument("--extras", default="tpu", help="jaxllm extras to install (default: %(default)s; '' for none)")
@@ -455,6 +475,8 @@ def validate(args: argparse.Namespace, command: list[str]) -> None:
     if args.action in ("setup", "all"):
         if not (args.repo_url or args.wheel):
             raise ValueError(f"{args.action} installs jaxllm: give --repo-url URL or --wheel PATH")
+        if args.repo_url and not args.repo_ref:
+            args.repo_ref = _local_head()
         if args.wheel:
             if not args.wheel.endswith(".whl") or not pathlib.Path(args.wheel).is_file():
                 raise ValueError(f"--wheel {args.wheel!r} is not a .whl file (build one with `pip wheel --no-deps .`)")

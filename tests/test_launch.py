@@ -263,12 +263,21 @@ def test_tpu_setup_script_installs_jaxllm_and_matching_jax_tpu(tmp_path):
     uv = [json.loads(line) for line in (home / "uv.log").read_text().splitlines()]
     assert len(uv) == 1 and "--python" in uv[0] and uv[0][uv[0].index("--python") + 1] == "3.11"
     git = [json.loads(line) for line in (home / "git.log").read_text().splitlines()]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert git[0] == ["clone", "https://example.com/jaxllm.git", str(home / "jaxllm")]
-    assert git[1][-2:] == ["pull", "--ff-only"]
+    # Both runs check out the launcher's own commit, never the branch tip (no pull).
+    checkout = ["-C", str(home / "jaxllm"), "checkout", "--quiet", "--detach", head]
+    assert git[1:] == [["-C", str(home / "jaxllm"), "fetch", "--quiet", "origin"], checkout] * 2
     pip = [json.loads(line) for line in (home / "pip.log").read_text().splitlines()]
     assert [str(home / "jaxllm"), "install", "--quiet", "-e", ".[tpu]"] in pip
     # jax[tpu] is pinned to the jax version that jaxllm's install left (the python stub reports it).
     assert pip[-1][1:] == ["install", "--quiet", "jax[tpu]==0.10.2"]
+
+
+def test_tpu_setup_checks_out_the_given_ref():
+    script = flag(commands(tpu_all("--repo-ref", "v1.2").stdout)[1], "--command")
+    assert "checkout --quiet --detach v1.2" in script and "pull" not in script
 
 
 def test_tpu_setup_script_failure_stops_the_script(tmp_path):
