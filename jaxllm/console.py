@@ -49,6 +49,7 @@ def tpu_chip_count(pci_devices: str = "/sys/bus/pci/devices") -> int:
 
 
 def has_cuda_plugin() -> bool:
+    """Whether a JAX CUDA plugin (`CUDA_PLUGINS`) is installed, without importing it or JAX."""
     return any(importlib.util.find_spec(m) is not None for m in CUDA_PLUGINS)
 
 

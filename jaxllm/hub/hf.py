@@ -265,13 +265,10 @@ def check_llama_checkpoint(reader, model_config, *, head: str = "lm") -> None:
     Raises:
       HubError: as `load_llama_params` (missing, extra or misshapen tensors).
     """
-    import flax.linen as nn  # noqa: PLC0415
-
     from jaxllm.models import llama  # noqa: PLC0415
+    from jaxllm.train import loop  # noqa: PLC0415
 
-    boxed = jax.eval_shape(lambda: llama.init(model_config, jax.random.key(0), head=head))
-    shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                          boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    shapes = loop.unbox_shapes(jax.eval_shape(lambda: llama.init(model_config, jax.random.key(0), head=head)))
     _check_tensors(reader, plan(traverse_util.flatten_dict(shapes)), head, model_config.tie_embeddings)
 
 

@@ -558,10 +558,15 @@ def abstract_params(init_params: Callable[[jax.Array], Any], mesh: jax.sharding.
     """Shapes of `init_params(rng)`'s unboxed params as ShapeDtypeStructs carrying their shardings."""
     boxed = jax.eval_shape(init_params, jax.random.key(0))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    # Unboxed without sharding constraints: they cannot apply to shapes (inside `sharding.activate`).
-    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                           boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(boxed),
+                        shardings)
+
+
+def unbox_shapes(boxed: Any) -> Any:
+    """`jax.eval_shape` output of a boxed init, unboxed without sharding constraints (they cannot
+    apply to shapes, e.g. inside `sharding.activate`)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def run_stage(config: ml_collections.ConfigDict, build_stage: Callable[..., Stage]) -> Result:
