@@ -1,0 +1,8 @@
+"""Evaluation: the run report and its judges (`report.py`).
+
+`jaxllm eval --run RUN_DIR` calls `evaluate_run`, which writes `report.md` and `report.json`.
+"""
+
+from jaxllm.evaluation.report import POLICIES, STAGES, default_config, evaluate_run, stage_summary, write_report
+
+__all__ = ["POLICIES", "STAGES", "default_config", "evaluate_run", "stage_summary", "write_report"]
