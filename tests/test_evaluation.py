@@ -11,7 +11,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxllm import evaluation, sharding
+from jaxllm import sharding
+from jaxllm.evaluation import report as evaluation
 from jaxllm.data import chat
 from test_inference import make_run
 
