@@ -3,7 +3,9 @@
 `RUN_DIR/<stage>/checkpoints/<step>/` holds three items: `state` (the sharded train state,
 restored directly onto the current mesh), `data` (the grain iterator position of every process)
 and `config` (the resolved config as JSON). orbax writes each step to a temporary directory and
-renames it when complete, so a crash or `kill -9` mid-save leaves the previous step intact.
+renames it when complete (on Cloud Storage, where a rename is not atomic, it writes a
+`commit_success` marker last), so a crash or `kill -9` mid-save leaves the previous step intact.
+Directories may be local or `gs://` (`jaxllm.fs`).
 
 `RUN_DIR/<stage>/params/` holds the final parameters: the input of the next stage, which restores
 them resharded onto its own mesh.
@@ -12,7 +14,7 @@ them resharded onto its own mesh.
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 from typing import Any
 
 import grain
@@ -22,6 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxllm import config as config_lib
+from jaxllm import fs
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -34,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def manager(directory: str | pathlib.Path, c: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def manager(directory: str | os.PathLike, c: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A CheckpointManager saving on step and time intervals, keeping the newest `c.keep`."""
     policies: list[Any] = [checkpoint_managers.PreemptionCheckpointingPolicy()]
     if c.every_steps > 0:
@@ -51,7 +54,7 @@ def manager(directory: str | pathlib.Path, c: ml_collections.ConfigDict) -> ocp.
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(fs.absolute(directory), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -87,23 +90,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
     return restored["state"]
 
 
-def export_params(directory: str | pathlib.Path, params: Any) -> None:
+def export_params(directory: str | os.PathLike, params: Any) -> None:
     """Writes `params` to `directory` (the stage's `params/`), replacing what was there."""
-    directory = pathlib.Path(directory).absolute()
+    directory = fs.absolute(directory)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, params, force=True)
         ckptr.wait_until_finished()
     logging.info("exported params to %s", directory)
 
 
-def load_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
+def load_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
     """Restores params from `directory` onto the shardings of `abstract_params`.
 
     Raises:
       FileNotFoundError: if `directory` has no params (naming it).
       ValueError: if a parameter's shape differs from the model's (naming it).
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = fs.absolute(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no params at {directory}: did the previous stage finish?")
     with ocp.StandardCheckpointer() as ckptr:
@@ -114,7 +117,7 @@ def load_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
         return ckptr.restore(directory, abstract_params)
 
 
-def _check_shapes(stored: Any, abstract: Any, directory: pathlib.Path) -> None:
+def _check_shapes(stored: Any, abstract: Any, directory: os.PathLike) -> None:
     def flat(tree):
         return {jax.tree_util.keystr(p, simple=True, separator="/"): v
                 for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

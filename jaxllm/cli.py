@@ -15,6 +15,9 @@ Commands:
   chat        interactive chat on stdin/stdout: `jaxllm chat --run RUN_DIR [--system TEXT]`
   score       reward-model scores of conversations / pairs: `jaxllm score --run RUN_DIR --input FILE`
   export      a finished stage as a Hugging Face folder: `jaxllm export --run RUN_DIR --stage sft --output DIR`
+  lm-eval     lm-evaluation-harness's command line with the jaxllm backend: `jaxllm lm-eval --model_args
+              model=gguf:FILE --tasks mmlu_cloze [--data_root DIR] [lm-eval options]` (`pip install -e .[eval]`)
+  plot        PNG training curves of a run: `jaxllm plot --run RUN_DIR [--stage S] [--output DIR]`
 
 sample, generate, chat and score take `--model SPEC` instead of `--run`: a published checkpoint,
 `hf:DIR`, `hf:ORG/NAME[@REVISION]` or `gguf:FILE`. Training stages start from one with
@@ -40,11 +43,12 @@ import os
 import sys
 from typing import Sequence
 
-from jaxllm import console
+from jaxllm import console, fs
 
 STAGES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
           "dpo": "jaxllm.train.dpo", "ppo": "jaxllm.train.ppo"}
-COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score", "export")
+COMMANDS = ("pipeline", "tokenizer", *STAGES, "eval", "sample", "compile", "generate", "chat", "score", "export",
+            "plot", "lm-eval")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the stage saved a checkpoint and can be resumed
 
 
@@ -169,6 +173,23 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_plot(argv: Sequence[str]) -> int:
+    """Writes the run's training curves as PNG files (`jaxllm.evaluation.plots`) and lists them;
+    skipped lines of a damaged metrics.jsonl are reported on stderr, the valid rows still plotted."""
+    from jaxllm.evaluation import plots
+
+    parser = argparse.ArgumentParser(prog="jaxllm plot")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--stage", default=None, help="plot this stage only (default: every stage with metrics)")
+    parser.add_argument("--output", default=None, help="folder for the PNG files (default: RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    result = plots.plot_run(args.run, args.output, args.stage)
+    for warning in result.warnings:
+        print(f"jaxllm plot: warning: {warning}", file=sys.stderr)
+    print(f"wrote {len(result.files)} plots: " + " ".join(str(f) for f in result.files))
+    return 0
+
+
 def cmd_pipeline(argv: Sequence[str]) -> int:
     """Runs every stage of the pipeline config, then the evaluation."""
     from jaxllm import pipeline
@@ -178,7 +199,7 @@ def cmd_pipeline(argv: Sequence[str]) -> int:
     sharding.initialize_runtime(config)
     if not pipeline.run(config):
         return EXIT_PREEMPTED
-    print(open(os.path.join(config.run_dir, "report.md"), encoding="utf-8").read())
+    print((fs.path(config.run_dir) / "report.md").read_text(encoding="utf-8"))
     return 0
 
 
@@ -195,14 +216,14 @@ def cmd_eval(argv: Sequence[str]) -> int:
     parser.add_argument("--run", required=True, help="run directory")
     args = parser.parse_args(rest)
     saved = os.path.join(args.run, pipeline.CONFIG_FILE)
-    if spec is None and os.path.exists(saved):
+    if spec is None and fs.path(saved).exists():
         config = config_lib.load_json(saved)
         for key, raw in overrides:
             config_lib.apply_override(config, key, raw)
     else:
         config = config_lib.build(spec or "configs/pipeline.py:tiny", overrides)
     evaluation.evaluate_run(args.run, config.eval, None, config.data_root)
-    print(open(os.path.join(args.run, "report.md"), encoding="utf-8").read())
+    print((fs.path(args.run) / "report.md").read_text(encoding="utf-8"))
     return 0
 
 
@@ -282,7 +303,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
                     top_p=args.top_p, beam_size=args.beam_size)
     inference.check_generation_args(**settings, max_context=stage.max_context)
     stem = pathlib.Path(args.prompts).stem
-    output = pathlib.Path(args.output or stage.run_dir / stage.name / "generations" / f"{stem}.jsonl")
+    output = fs.path(args.output or stage.run_dir / stage.name / "generations" / f"{stem}.jsonl")
     rows = []
     for k, start in enumerate(range(0, len(records), args.batch_size)):
         batch = records[start:start + args.batch_size]
@@ -435,7 +456,7 @@ def cmd_score(argv: Sequence[str]) -> int:
             row.update(rewards=r.tolist(), ranks=group["ranks"])
         rows.append({**row, "truncated": bool(cut)})
     stem = pathlib.Path(args.input).stem
-    output = pathlib.Path(args.output or stage.run_dir / stage.name / "scores" / f"{stem}.jsonl")
+    output = fs.path(args.output or stage.run_dir / stage.name / "scores" / f"{stem}.jsonl")
     inference.write_jsonl(output, rows)
     print(f"wrote {len(rows)} rows to {output}")
     flat = np.concatenate(rewards) if rewards else np.zeros(0)
@@ -448,6 +469,54 @@ def cmd_score(argv: Sequence[str]) -> int:
     print(f"truncated to seq_len={max_context}: {int(truncated.sum())} of {len(rows)}; skipped preference "
           f"records: {stats.skipped_identical} identical, {stats.skipped_empty_prompt} empty prompt, "
           f"{stats.skipped_no_ordered_pair} without an ordered pair")
+    return 0
+
+
+def cmd_lm_eval(argv: Sequence[str]) -> int:
+    """lm-evaluation-harness's own command line (`lm-eval [run|ls|validate] ...`, unchanged) with the
+    `jaxllm` backend registered (`jaxllm.evaluation.harness`) and two defaults: `--model jaxllm`, and
+    the offline tasks of `jaxllm/evaluation/tasks/` always included (before any `--include_path DIR`,
+    which may override them). One option of jaxllm's own, `--data_root DIR`, sets the folder those
+    tasks read (`JAXLLM_DATA_ROOT`; default ../shared/data). After a run, prints how many requests
+    were truncated from the left to the model's context.
+    """
+    try:
+        from lm_eval._cli.harness import HarnessCLI
+    except ImportError as e:
+        raise FileNotFoundError(f"jaxllm lm-eval needs lm-evaluation-harness: pip install -e '.[eval]' ({e})") from None
+    from jaxllm import config as config_lib
+    from jaxllm.evaluation import harness
+    from jaxllm.evaluation import tasks
+    from jaxllm.evaluation.tasks import offline
+
+    argv = list(argv)
+    for k, arg in enumerate(argv):
+        if arg == "--data_root" or arg.startswith("--data_root="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[k + 1] if k + 1 < len(argv) else "")
+            if not value:
+                raise config_lib.ConfigError("--data_root needs a folder")
+            os.environ[offline.ENV_DATA_ROOT] = os.path.abspath(value)
+            del argv[k:k + (1 if "=" in arg else 2)]
+            break
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        cli = HarnessCLI()
+        args = cli.parse_args()  # inserts `run` when no subcommand is given, as `lm-eval` does
+    finally:
+        sys.argv = saved
+    if getattr(args, "command", None) in ("run", "ls", "validate"):
+        args.include_path = [str(tasks.TASKS_DIR)] + ([args.include_path] if args.include_path else [])
+    if getattr(args, "command", None) == "run" and args.model is None and not args.config:
+        args.model = "jaxllm"
+    try:
+        cli.execute(args)
+    except ValueError as e:  # the harness's own checks of its arguments and task names
+        if type(e) is not ValueError or not str(e).startswith(("Tasks not found", "Specify --output_path",
+                                                               "Need to specify task")):
+            raise
+        raise config_lib.ConfigError(str(e).split("\n")[0]) from None
+    if harness.JaxLLM.last_instance is not None:
+        print(harness.JaxLLM.last_instance.truncation_summary())
     return 0
 
 
@@ -469,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stage(command, rest)
         handlers = {"pipeline": cmd_pipeline, "tokenizer": cmd_tokenizer, "eval": cmd_eval, "sample": cmd_sample,
                     "compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat, "score": cmd_score,
-                    "export": cmd_export}
+                    "export": cmd_export, "plot": cmd_plot, "lm-eval": cmd_lm_eval}
         return handlers[command](rest)
     except _user_errors() as e:
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)

@@ -8,17 +8,17 @@ exist fails with the key's name (and the closest existing keys).
 from __future__ import annotations
 
 import ast
-import contextlib
 import difflib
 import importlib.util
 import json
 import os
 import pathlib
-import shutil
-import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import ml_collections
+from etils import epath
+
+from jaxllm import fs
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -182,47 +182,9 @@ def from_dict(data: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data).lock()
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yields a temporary path beside `path` to write a file or a directory to; renames it to `path`
-    when the block succeeds and removes it when the block raises, so readers see the old content
-    or the new, never a part, and a failure leaves no temporary behind.
-
-    The temporary name is `.tmp-<random>-<name>`: unique per writer (every host of a multi-host run
-    may write the same file) and ending like `path`, so `np.save` adds no suffix. A file replaces
-    the old one (`os.replace`). A directory cannot replace a non-empty one: when `path` already is a
-    directory (a concurrent writer of the same cache entry finished first), it is kept and the new
-    one discarded.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        yield tmp
-        if tmp.is_dir():
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if not path.is_dir():
-                    raise
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes `data` (str as UTF-8) to `path` atomically, creating parent directories (`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-
-
 def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
     """Writes the resolved config as JSON atomically."""
-    write_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    fs.write_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -231,20 +193,20 @@ def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
     Raises:
       ConfigError: if the file is missing (naming it).
     """
-    path = pathlib.Path(path)
+    path = fs.path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: is this a jaxllm run directory?")
     return from_dict(json.loads(path.read_text()))
 
 
-def stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> pathlib.Path:
-    """`RUN_DIR/<stage>/`: checkpoints, params, metrics of one stage."""
-    return pathlib.Path(config.run_dir) / (stage or config.stage)
+def stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> epath.Path:
+    """`RUN_DIR/<stage>/`: checkpoints, params, metrics of one stage (local or `gs://`, see `fs`)."""
+    return fs.path(config.run_dir) / (stage or config.stage)
 
 
-def tokenizer_dir(run_dir: str | os.PathLike) -> pathlib.Path:
+def tokenizer_dir(run_dir: str | os.PathLike) -> epath.Path:
     """`RUN_DIR/tokenizer/`, shared by every stage of the run."""
-    return pathlib.Path(run_dir) / "tokenizer"
+    return fs.path(run_dir) / "tokenizer"
 
 
 # Keys of the `model` section that fix parameter shapes and layout: a stage that starts from an
@@ -262,9 +224,9 @@ def inherit_model_shape(config: ml_collections.ConfigDict, source_stage_dir: str
     Raises:
       ConfigError: if that stage has no `config.json` (it has not run).
     """
-    path = pathlib.Path(source_stage_dir) / "config.json"
+    path = fs.path(source_stage_dir) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{path} not found: run the {pathlib.Path(source_stage_dir).name} stage first")
+        raise ConfigError(f"{path} not found: run the {path.parent.name} stage first")
     source = load_json(path).model
     with config.model.unlocked():
         for key in MODEL_SHAPE_KEYS:

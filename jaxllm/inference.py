@@ -42,9 +42,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm import sampling
 from jaxllm import sharding
 from jaxllm.data import chat
@@ -82,7 +84,7 @@ class LoadedStage:
       max_context: Training sequence length (`data.seq_len`), in tokens.
     """
 
-    run_dir: pathlib.Path
+    run_dir: epath.Path
     name: str
     config: ml_collections.ConfigDict
     model_config: llama.LlamaConfig
@@ -108,7 +110,7 @@ def load_stage(run_dir: str | pathlib.Path, stage: str, *, head: str = "lm",
       ConfigError: no such stage, a stage that has not finished, a non-Llama model, or params of
         the other head kind (naming the path).
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = fs.path(run_dir)
     stage_dir = run_dir / stage
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} not found")
@@ -171,7 +173,7 @@ def load_model(text: str, *, head: str = "lm", mesh: jax.sharding.Mesh | None = 
     params = hub_spec.params_loader(reader, model_config, mesh, rules, head=head)(None)
     max_context = int(reader.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
     name = pathlib.Path(spec.value.rstrip("/")).name or "model"
-    return LoadedStage(pathlib.Path("runs") / "models" / name, "", config, model_config, params,
+    return LoadedStage(fs.path("runs") / "models" / name, "", config, model_config, params,
                        chat.template_for(tokenizer), mesh, rules, max_context)
 
 
@@ -322,7 +324,7 @@ def read_prompts(path: str | pathlib.Path, limit: int = 0) -> list[tuple[Any, li
 
 def write_jsonl(path: str | pathlib.Path, rows: Sequence[dict]) -> None:
     """Writes one JSON object per line to `path` atomically (parent directories are created)."""
-    config_lib.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    fs.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_scoring_records(path: str | pathlib.Path,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pathlib
 
 import ml_collections
 
 from jaxllm import config as config_lib
 from jaxllm import evaluation
+from jaxllm import fs
 
 STAGE_MODULES = {"pretrain": "jaxllm.train.pretrain", "sft": "jaxllm.train.sft", "reward": "jaxllm.train.reward",
                  "ppo": "jaxllm.train.ppo", "dpo": "jaxllm.train.dpo"}
@@ -43,7 +43,7 @@ def run(config: ml_collections.ConfigDict) -> bool:
     unknown = [s for s in config.stages if s not in STAGE_MODULES]
     if unknown:
         raise config_lib.ConfigError(f"pipeline stages {unknown} unknown; expected some of {list(STAGE_MODULES)}")
-    run_dir = pathlib.Path(config.run_dir)
+    run_dir = fs.path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # `jaxllm eval --run RUN_DIR` reads its settings from here.
     config_lib.save_json(config, run_dir / CONFIG_FILE)

@@ -368,10 +368,11 @@ def execute(args: argparse.Namespace, command: list[str], runner: Runner) -> int
         shape = slice_shape(args.accelerator_type)
         runner.comment(f"{shape.describe()}; runtime {args.version or shape.runtime}")
         run_dir = _run_dir_of(command) if command else None
-        if shape.hosts > 1 and command and not (run_dir or "").startswith("gs://"):
-            print(f"warning: run_dir {run_dir or '(the config default, a local path)'} is not on gs://; on "
-                  f"{shape.hosts} hosts every worker must write to the same storage: gs:// or a directory "
-                  f"all workers mount at that path", file=sys.stderr)
+        if command and not (run_dir or "").startswith("gs://") and (shape.hosts > 1 or args.spot):
+            why = (f"on {shape.hosts} hosts every worker must write to the same storage" if shape.hosts > 1
+                   else "a Spot VM's disk is deleted with it on preemption")
+            print(f"warning: run_dir {run_dir or '(the config default, a local path)'} is not on gs://: {why}; "
+                  "pass --run-dir gs://BUCKET/RUN so checkpoints survive and resume", file=sys.stderr)
     if args.action == "create":
         runner.run(create_command(args))
         if args.queued:

@@ -14,19 +14,43 @@ import pathlib
 
 import numpy as np
 import pytest
+from etils.epath import backend as epath_backend
 
-from jaxllm import config as config_lib
 from jaxllm import evaluation
+from jaxllm import fs
 from jaxllm.data import chat, lm, preference, sources
 from jaxllm.data import sft as sft_data
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.train import metrics as metrics_lib
 
 
+class _HalfWriter:
+    """A file whose first `write` stores half of its data, then raises OSError (a full disk)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[:len(data) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device", self._f.name)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
 @contextlib.contextmanager
 def full_disk():
-    """Inside the block, file writes fail half-way (a full disk)."""
+    """Inside the block, file writes fail half-way (a full disk): through `pathlib`, through
+    `etils.epath` (`jaxllm.fs`, local files) and through `np.save`/`np.savez` given a file name."""
     write_bytes, save, savez = pathlib.Path.write_bytes, np.save, np.savez
+    epath_open = epath_backend._OsPathBackend.open
 
     def half_bytes(self, data):
         write_bytes(self, data[:len(data) // 2])
@@ -34,6 +58,10 @@ def full_disk():
 
     def half_text(self, data, encoding=None, errors=None, newline=None):
         half_bytes(self, data.encode(encoding or "utf-8"))
+
+    def failing_open(self, path, mode):
+        f = epath_open(self, path, mode)
+        return _HalfWriter(f) if any(m in mode for m in "wax") else f
 
     def truncated(original, suffix):
         def write(file, *args, **kwargs):
@@ -48,6 +76,7 @@ def full_disk():
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pathlib.Path, "write_text", half_text)
         m.setattr(pathlib.Path, "write_bytes", half_bytes)
+        m.setattr(epath_backend._OsPathBackend, "open", failing_open)
         m.setattr(np, "save", truncated(save, ".npy"))
         m.setattr(np, "savez", truncated(savez, ".npz"))
         yield
@@ -59,9 +88,9 @@ def listing(directory: pathlib.Path) -> list[str]:
 
 def test_write_atomic_failure_keeps_the_old_file(tmp_path):
     path = tmp_path / "done.json"
-    config_lib.write_atomic(path, '{"step": 1}\n')
+    fs.write_atomic(path, '{"step": 1}\n')
     with full_disk(), pytest.raises(OSError):
-        config_lib.write_atomic(path, '{"step": 2, "eval": {}}\n')
+        fs.write_atomic(path, '{"step": 2, "eval": {}}\n')
     assert path.read_text() == '{"step": 1}\n' and listing(tmp_path) == ["done.json"]
 
 

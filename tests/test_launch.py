@@ -150,7 +150,21 @@ def test_tpu_queued_dry_run_polls_and_deletes_the_request():
     assert describe[3:6] == ["queued-resources", "describe", "pod-qr"] and "ACTIVE" in result.stdout
     assert cmds[-1][3:6] == ["queued-resources", "delete", "pod-qr"] and "--force" in cmds[-1]
     assert "4 hosts" in result.stdout
-    assert "is not on gs://" in result.stderr  # 4 hosts writing a local run_dir get a warning
+    assert "is not on gs://: on 4 hosts" in result.stderr  # 4 hosts writing a local run_dir get a warning
+
+
+def test_tpu_run_dir_warning_spot_single_host_and_gcs():
+    """A Spot single-host slice loses its disk on preemption: a local run_dir is warned about; a
+    gs:// one (which jaxllm writes through etils.epath, tests/test_gcs.py) is not."""
+    base = ["tpu", "run", "--name", "v", "--zone", "z", "--accelerator-type", "v5litepod-8", "--dry-run"]
+    local = launcher(*base, "--spot", "--", "jaxllm", "pretrain")
+    assert local.returncode == 0, local.stderr
+    assert "is not on gs://: a Spot VM's disk is deleted" in local.stderr
+    on_demand = launcher(*base, "--", "jaxllm", "pretrain")
+    assert "warning" not in on_demand.stderr
+    gcs = launcher(*base, "--spot", "--run-dir", "gs://bkt/run", "--", "jaxllm", "pretrain")
+    assert gcs.returncode == 0, gcs.stderr
+    assert "warning" not in gcs.stderr and "--config.run_dir=gs://bkt/run" in gcs.stdout
 
 
 def test_tpu_wheel_setup_uploads_wheel_and_configs(tmp_path):

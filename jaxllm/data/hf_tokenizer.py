@@ -46,7 +46,6 @@ import copy
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,6 +53,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 
+from jaxllm import fs
 from jaxllm.data.tokenizer import MissingPieceError, sentinel_piece
 from jaxllm.hub import HubError
 
@@ -230,7 +230,7 @@ class HFTokenizer:
           HubError: no folder, neither tokenizer.json nor tokenizer.model, malformed JSON or a file
             the libraries reject (naming the file), add_bos/eos_token without that token.
         """
-        directory = pathlib.Path(directory)
+        directory = fs.path(directory)  # local or gs:// (a run's tokenizer/)
         if not directory.is_dir():
             raise HubError(f"{directory}: tokenizer folder not found")
         config = _read_json(directory / TOKENIZER_CONFIG)
@@ -238,7 +238,7 @@ class HFTokenizer:
             config.setdefault(key, value)
         if (directory / TOKENIZER_JSON).is_file():
             try:
-                tok = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_JSON))
+                tok = tokenizers.Tokenizer.from_str((directory / TOKENIZER_JSON).read_text(encoding="utf-8"))
             except Exception as e:  # the Rust library raises a bare Exception
                 raise HubError(f"{directory / TOKENIZER_JSON}: not a tokenizers file: {e}") from None
             proto = None
@@ -261,7 +261,7 @@ class HFTokenizer:
         else:  # transformers 5 ignores the config's flags when tokenizer.json exists
             add_bos, add_eos = _post_processor_flags(tok, specials["bos_token"], specials["eos_token"])
         extra = {k: config[k] for k in _KEPT_CONFIG_KEYS if config.get(k) is not None}
-        return cls(tok, path=str(directory), bos_token=specials["bos_token"],
+        return cls(tok, path=os.fspath(directory), bos_token=specials["bos_token"],
                    eos_token=specials["eos_token"], pad_token=specials["pad_token"],
                    unk_token=specials["unk_token"], add_bos=add_bos and specials["bos_token"] is not None,
                    add_eos=add_eos and specials["eos_token"] is not None,
@@ -274,7 +274,7 @@ class HFTokenizer:
         `tokenizer_class` is `PreTrainedTokenizerFast` (the file is used as it is), the flags are
         explicit and the post-processor of tokenizer.json is the bos/eos template they imply.
         """
-        directory = pathlib.Path(directory)
+        directory = fs.path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tok = copy.deepcopy(self.tok)
         tok.post_processor = self._post_processor()
@@ -285,7 +285,7 @@ class HFTokenizer:
                        if getattr(self, k) is not None})
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        tok.save(str(directory / TOKENIZER_JSON))
+        (directory / TOKENIZER_JSON).write_text(tok.to_str(pretty=True), encoding="utf-8")
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8")
 
@@ -309,7 +309,7 @@ class HFTokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: os.PathLike) -> dict:
     """A JSON object file, or {} when the file does not exist.
 
     Raises:
@@ -326,7 +326,7 @@ def _read_json(path: pathlib.Path) -> dict:
     return value
 
 
-def _chat_template(directory: pathlib.Path, config: Mapping) -> str | None:
+def _chat_template(directory: os.PathLike, config: Mapping) -> str | None:
     """chat_template.jinja, else the config's `chat_template` (a named list: its "default").
 
     Raises:
@@ -369,7 +369,7 @@ def generate_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for left, right, _ in merges]
 
 
-def sentencepiece_tokenizer(path: pathlib.Path, config: Mapping) -> tuple[tokenizers.Tokenizer, Any]:
+def sentencepiece_tokenizer(path: os.PathLike, config: Mapping) -> tuple[tokenizers.Tokenizer, Any]:
     """A `tokenizers.Tokenizer` from a SentencePiece `tokenizer.model`, as transformers'
     `LlamaTokenizer` builds it (module docstring), and the parsed model proto.
 

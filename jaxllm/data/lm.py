@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm.data import sources
 from jaxllm.data.sources import DataError, SourceSpec
 
@@ -67,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def resolve_cache_dir(data_config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> str:
     """`data_config.cache_dir`, or `RUN_DIR/cache` when it is empty."""
-    return str(data_config.cache_dir or pathlib.Path(run_dir) / "cache")
+    return os.fspath(data_config.cache_dir or fs.path(run_dir) / "cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +152,8 @@ def tokenize_corpus(
                 f"add_{name} is set but tokenizer {tokenizer.path} has no {name} piece"
             )
     names = [s.text for s in specs]
-    final = pathlib.Path(cache_dir) / cache_key(specs, tokenizer, add_bos, add_eos)
-    if final.is_dir():
+    final = fs.path(cache_dir) / cache_key(specs, tokenizer, add_bos, add_eos)
+    if fs.dir_complete(final):
         corpus = _load(final, cached=True)
         logger.info(
             "token cache hit %s for %s: %d docs, %d tokens",
@@ -169,11 +168,11 @@ def tokenize_corpus(
     stats["seconds"] = round(time.perf_counter() - start, 3)
     # Written to a temporary folder renamed into place (removed on failure); when another process
     # finished first, its identical entry is kept.
-    with config_lib.atomic_path(final) as tmp:
+    with fs.atomic_path(final) as tmp:
         tmp.mkdir()
-        np.save(tmp / "tokens.npy", tokens)
-        np.save(tmp / "doc_starts.npy", doc_starts)
-        config_lib.write_atomic(tmp / "stats.json", json.dumps({**stats, "sources": names}, indent=1))
+        fs.save_npy(tmp / "tokens.npy", tokens)
+        fs.save_npy(tmp / "doc_starts.npy", doc_starts)
+        (tmp / "stats.json").write_text(json.dumps({**stats, "sources": names}, indent=1))
     logger.info(
         "tokenized %s in %.1f s: %d docs, %d tokens (%.0f tokens/s), skipped %d empty and "
         "%d undecodable documents, %d files -> %s",
@@ -232,10 +231,10 @@ def _tokenize(specs, tokenizer, add_bos, add_eos, num_threads):
     return tokens, doc_starts, stats
 
 
-def _load(path: pathlib.Path, cached: bool) -> TokenizedCorpus:
+def _load(path: os.PathLike, cached: bool) -> TokenizedCorpus:
     return TokenizedCorpus(
-        tokens=np.load(path / "tokens.npy", mmap_mode="r"),
-        doc_starts=np.load(path / "doc_starts.npy", mmap_mode="r"),
+        tokens=fs.load_npy(path / "tokens.npy"),  # memory-mapped when local
+        doc_starts=fs.load_npy(path / "doc_starts.npy"),
         stats=json.loads((path / "stats.json").read_text()),
         path=str(path),
         cached=cached,

@@ -45,11 +45,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -57,7 +57,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm.data import chat, lm, packing, preference_records, sft, sources
 from jaxllm.data.preference_records import PreferenceStats, parse_preference_sources
 from jaxllm.data.sources import DataError, SourceSpec
@@ -179,9 +179,9 @@ def source_groups(
     payload = {"format": _CACHE_FORMAT, "kind": "preference", "source": sources.fingerprint(spec),
                "tokenizer": template.tokenizer.fingerprint, "template": template.fingerprint}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
-    path = pathlib.Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    path = fs.path(cache_dir) / f"{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as f:
+        with path.open("rb") as raw, np.load(io.BytesIO(raw.read()), allow_pickle=False) as f:
             arrays = {k: f[k] for k in Groups.ARRAYS}
             stats = PreferenceStats(**json.loads(str(f["stats"])))
         logger.info("preference cache hit %s for %r: %d groups", path, spec.text, stats.groups)
@@ -190,8 +190,8 @@ def source_groups(
     groups = render_groups(preference_records.read_source(spec, stats), template, stats)
     if path is not None:
         arrays = {k: getattr(groups, k) for k in Groups.ARRAYS}
-        with config_lib.atomic_path(path) as tmp:  # a concurrent writer's entry is identical
-            np.savez(tmp, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
+        with fs.atomic_path(path) as tmp, tmp.open("wb") as f:  # a concurrent writer's entry is identical
+            np.savez(f, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
     return groups
 
 

@@ -43,14 +43,13 @@ import json
 import logging
 import math
 import os
-import pathlib
 from collections.abc import Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm.data import chat, lm, packing, sources
 from jaxllm.data.sources import DataError, SourceSpec
 
@@ -282,21 +281,21 @@ def source_examples(
     Raises:
       DataError: as `load_conversations`, or a source without records.
     """
-    final = pathlib.Path(cache_dir) / _cache_key(spec, template) if cache_dir else None
-    if final is not None and final.is_dir():
+    final = fs.path(cache_dir) / _cache_key(spec, template) if cache_dir else None
+    if final is not None and fs.dir_complete(final):
         stats = SFTStats(**json.loads((final / "stats.json").read_text()))
-        arrays = {k: np.load(final / f"{k}.npy") for k in ("tokens", "target_mask", "starts")}
+        arrays = {k: fs.load_npy(final / f"{k}.npy", mmap=False) for k in ("tokens", "target_mask", "starts")}
         logger.info("SFT cache hit %s for %r: %d examples", final, spec.text, stats.examples)
         return Examples(stats=stats, **arrays)
     stats = SFTStats()
     conversations = _read_source(spec, stats)
     examples = render_examples(conversations, template, stats)
     if final is not None:
-        with config_lib.atomic_path(final) as tmp:  # another process's identical entry may win
+        with fs.atomic_path(final) as tmp:  # another process's identical entry may win
             tmp.mkdir()
             for k in ("tokens", "target_mask", "starts"):
-                np.save(tmp / f"{k}.npy", getattr(examples, k))
-            config_lib.write_atomic(tmp / "stats.json", json.dumps(dataclasses.asdict(stats)))
+                fs.save_npy(tmp / f"{k}.npy", getattr(examples, k))
+            (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats)))
     return examples
 
 

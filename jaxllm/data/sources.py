@@ -35,7 +35,6 @@ whitespace-only documents inside a non-empty file are skipped and counted in `So
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -46,6 +45,8 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+from jaxllm import fs
 
 KINDS = ("text", "jsonl", "tfds", "stdlib")
 STDLIB_SPLITS = ("train", "validation")
@@ -231,14 +232,13 @@ def read_all_documents(
 
 
 def resolve_files(source: SourceSpec) -> list[pathlib.Path]:
-    """Returns the sorted files a `text:` or `jsonl:` glob matches.
+    """Returns the sorted files a `text:` or `jsonl:` glob matches (local, or `gs://` with `*` per
+    level: see `jaxllm.fs.glob`).
 
     Raises:
       DataError: the glob matches no regular file.
     """
-    paths = sorted(
-        pathlib.Path(p) for p in glob.glob(source.location, recursive=True) if os.path.isfile(p)
-    )
+    paths = fs.glob(source.location)
     if source.kind == "text":
         paths = [p for p in paths if not p.name.endswith(INDEX_SUFFIX)]
     if not paths:
@@ -293,7 +293,7 @@ def _text_documents(path: pathlib.Path, stats: SourceStats) -> Iterator[str]:
 
 def _index(index: pathlib.Path) -> Iterator[tuple[int, dict]]:
     count = 0
-    with open(index, "rb") as f:
+    with index.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -332,11 +332,11 @@ def _index_slice(data: bytes, path, index, lineno: int, entry: Any) -> str:
 
 
 def _jsonl_documents(path: pathlib.Path, field: str, stats: SourceStats) -> Iterator[str]:
-    if os.path.getsize(path) == 0:
+    if _size(path) == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
     stats.files += 1
     offset, records = 0, 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -520,5 +520,12 @@ def fingerprint(source: SourceSpec, *, tfds_data_dir: str | None = None) -> str:
 
 
 def _stat(path: pathlib.Path) -> list[Any]:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    if not fs.is_local(path):  # Cloud Storage: seconds, not nanoseconds
+        st = path.stat()
+        return [os.fspath(path), st.length, st.mtime]
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def _size(path: pathlib.Path) -> int:
+    return os.path.getsize(path) if fs.is_local(path) else path.stat().length

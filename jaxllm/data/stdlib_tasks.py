@@ -26,7 +26,7 @@ import random
 import textwrap
 from typing import Iterator
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm.data import sources
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
       max_examples: cap on the train split's SFT and preference sets (0 = all); the train
         functions beyond it become the PPO prompts. The held-out split is always whole.
     """
-    out = pathlib.Path(out_dir)
+    out = fs.path(out_dir)
     sizes: dict[str, int] = {}
     for split, name in (("train", "train"), ("validation", "test")):
         funcs = sorted(_functions(split, max_body_chars, min_body_lines), key=lambda f: f["id"])
@@ -116,4 +116,4 @@ def build(out_dir: str | os.PathLike, *, seed: int = 0, max_body_chars: int = 12
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     if path.exists():
         return
-    config_lib.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    fs.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

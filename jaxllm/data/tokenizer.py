@@ -29,9 +29,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pathlib
 import random
-import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -40,7 +39,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm.config import ConfigError
 from jaxllm.data import sources
 
@@ -157,12 +156,13 @@ class Tokenizer:
           FileNotFoundError: no file at `path`.
           TokenizerError: (a ValueError) the file is not a SentencePiece model.
         """
+        file = fs.path(path)
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not file.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         sp = spm.SentencePieceProcessor()
         try:
-            sp.LoadFromFile(path)
+            sp.LoadFromSerializedProto(file.read_bytes())  # local or gs:// (a run's tokenizer/)
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from None
         return cls(sp, path, markers if markers is not None else role_markers())
@@ -389,7 +389,7 @@ def train_tokenizer(
       ValueError: bad model type, a vocab_size too small for the special pieces, no training
         text, or SentencePiece rejecting the options/corpus.
     """
-    out_path = pathlib.Path(out_path)
+    out_path = fs.path(out_path)
     options = _trainer_options(config)
     counts = {"lines": 0, "cut": 0}
     model = _BytesWriter()
@@ -411,7 +411,7 @@ def train_tokenizer(
         ) from None
     trained_size = len(_parse(model.data).pieces)
     serialized = _add_padding_and_sentinels(model.data, int(config.num_sentinels))
-    config_lib.write_atomic(out_path, serialized)
+    fs.write_atomic(out_path, serialized)
     tok = Tokenizer.load(out_path, role_markers(config))
     _check_layout(tok, int(config.num_sentinels))
     logger.info(
@@ -471,8 +471,8 @@ def load_or_train(config: ml_collections.ConfigDict, run_dir: str | os.PathLike)
     from jaxllm.hub import spec as hub_spec  # noqa: PLC0415 - hub imports this module
 
     if hub_spec.is_external(init_from):
-        return _model_tokenizer(init_from, pathlib.Path(run_dir) / "tokenizer")
-    path = pathlib.Path(run_dir) / "tokenizer" / TOKENIZER_FILE
+        return _model_tokenizer(init_from, fs.path(run_dir) / "tokenizer")
+    path = fs.path(run_dir) / "tokenizer" / TOKENIZER_FILE
     if is_hf_tokenizer_dir(path.parent):
         return load_tokenizer(path.parent)
     if path.exists():
@@ -481,8 +481,7 @@ def load_or_train(config: ml_collections.ConfigDict, run_dir: str | os.PathLike)
         return tok
     if tok_config.model_path:
         external = Tokenizer.load(tok_config.model_path, markers)  # validate before copying
-        with config_lib.atomic_path(path) as tmp:
-            shutil.copyfile(external.path, tmp)
+        fs.write_atomic(path, external.sp.serialized_model_proto())
         logger.info("copied tokenizer %s -> %s (%d ids)", external.path, path, external.vocab_size)
         return Tokenizer.load(path, markers)
     spec = tok_config.sources or config.data.sources
@@ -515,7 +514,7 @@ def load_tokenizer(directory: str | os.PathLike, markers: Mapping[str, str] | No
       jaxllm.hub.HubError: a Hugging Face folder that cannot be loaded (naming the file).
       FileNotFoundError / ValueError: as `Tokenizer.load`.
     """
-    path = pathlib.Path(directory)
+    path = fs.path(directory)
     if path.is_file():
         return Tokenizer.load(path, markers)
     if is_hf_tokenizer_dir(path):
@@ -528,12 +527,13 @@ def load_tokenizer(directory: str | os.PathLike, markers: Mapping[str, str] | No
 def is_hf_tokenizer_dir(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds a Hugging Face tokenizer (`tokenizer.json` or `tokenizer_config.json`)
     rather than a jaxllm SentencePiece `tokenizer.model` alone."""
-    directory = pathlib.Path(directory)
+    directory = fs.path(directory)
     return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
 
 
-def _model_tokenizer(init_from: str, directory: pathlib.Path):
-    """The tokenizer of the checkpoint `init_from`, saved to the run's `directory` on first use.
+def _model_tokenizer(init_from: str, directory: os.PathLike):
+    """The tokenizer of the checkpoint `init_from`, saved to the run's `directory` on first use
+    (written whole or not at all: `fs.atomic_path`).
 
     Raises:
       ConfigError: `directory` already holds a different tokenizer (another model's, or one that
@@ -542,21 +542,17 @@ def _model_tokenizer(init_from: str, directory: pathlib.Path):
     from jaxllm.hub import spec as hub_spec  # noqa: PLC0415
 
     model_tok = hub_spec.load_tokenizer(hub_spec.parse(init_from))
-    staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model_tok.save(staging)
-        staged = load_tokenizer(staging)
-        if directory.exists():
-            existing = load_tokenizer(directory)
-            if existing.fingerprint != staged.fingerprint:
-                raise ConfigError(f"{directory} holds another tokenizer ({existing.path}) than {init_from}'s: "
-                                  "start this model in a new --config.run_dir")
-            return existing
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if fs.dir_complete(directory):
+        existing = load_tokenizer(directory)
+        with tempfile.TemporaryDirectory() as staging:  # the checkpoint's tokenizer as the run would save it
+            model_tok.save(staging)
+            staged = load_tokenizer(staging)
+        if existing.fingerprint != staged.fingerprint:
+            raise ConfigError(f"{directory} holds another tokenizer ({existing.path}) than {init_from}'s: "
+                              "start this model in a new --config.run_dir")
+        return existing
+    with fs.atomic_path(directory) as tmp:
+        model_tok.save(tmp)
     tok = load_tokenizer(directory)
     logger.info("the run uses %s's tokenizer: %s (%d ids)", init_from, directory, tok.vocab_size)
     return tok

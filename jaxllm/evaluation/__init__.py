@@ -1,4 +1,4 @@
-"""Evaluation: the run report and its judges (`report.py`).
+"""Evaluation: the run report and its judges (`report.py`), training curves (`plots.py`).
 
 `jaxllm eval --run RUN_DIR` calls `evaluate_run`, which writes `report.md` and `report.json`.
 """

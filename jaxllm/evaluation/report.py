@@ -4,7 +4,7 @@ The report has each finished stage's final metrics (the last train row and the f
 evaluation), the reward model's held-out accuracy per split, and for the SFT, PPO and DPO policies
 on held-out prompts: the mean reward under the run's reward model, the win rate against SFT under
 it (ties count half), the KL to SFT, the mean response length and the missing-eos rate, plus a few
-generations side by side.
+generations side by side, and the training curves (`plots.py`, written to RUN_DIR/plots/).
 
 Responses are sampled at `eval.temperature` with a fixed seed (prompt batch `k` with
 `fold_in(key(eval.seed), k)`, so batches draw independent noise), so the report is a pure function
@@ -27,11 +27,13 @@ import numpy as np
 
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm import sampling
 from jaxllm import sharding
 from jaxllm.data import chat
 from jaxllm.data import prompts as prompt_data
 from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.evaluation import plots
 from jaxllm.models import llama
 from jaxllm.train import loop
 from jaxllm.train import metrics as metrics_lib
@@ -125,7 +127,7 @@ def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh
     Raises:
       ConfigError: if the run has no finished SFT stage.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = fs.path(run_dir)
     report: dict[str, Any] = {"stages": {}}
     for stage in STAGES:
         if (run_dir / stage / "done.json").exists():
@@ -177,10 +179,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _curves(run_dir: pathlib.Path) -> list[str]:
+    """A `## Training curves` section embedding the figures `plots.plot_run` writes into
+    RUN_DIR/plots/ (links relative to report.md); nothing when the run has no metrics."""
+    try:
+        result = plots.plot_run(run_dir)
+    except plots.PlotError:
+        return []
+    for warning in result.warnings:
+        logging.warning("%s", warning)
+    return ["", "## Training curves", ""] + [f"![{f.stem.replace('_', ' ')}](plots/{f.name})\n" for f in result.files]
+
+
 def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
-    """Writes `report.json` and a Markdown rendering `report.md` into `run_dir`."""
+    """Writes `report.json` and a Markdown rendering `report.md` into `run_dir`, and the training
+    curves it embeds into `run_dir/plots/` (`jaxllm.evaluation.plots`)."""
     # Each file is replaced atomically (a crash leaves the previous report); NaN is written as null.
-    config_lib.write_atomic(run_dir / "report.json",
+    fs.write_atomic(run_dir / "report.json",
                             json.dumps(metrics_lib.finite_or_none(report), indent=2, sort_keys=True) + "\n")
     lines = [f"# jaxllm report: {run_dir.name}", ""]
     if "policies" in report:
@@ -203,6 +218,7 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
         lines.append(f"- **{stage}** (step {s['step']}): {shown}")
         if "eval_at_start" in s:
             lines.append("  - at step 0: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(s["eval_at_start"].items())))
+    lines += _curves(run_dir)
     if report.get("samples"):
         lines += ["", "## Samples", ""]
         for i, sample in enumerate(report["samples"]):
@@ -210,5 +226,5 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
             for name, text in sample.items():
                 if name != "prompt":
                     lines.append(f"**{name}**:\n\n```\n{text}\n```\n")
-    config_lib.write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    fs.write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     logging.info("wrote %s", run_dir / "report.md")

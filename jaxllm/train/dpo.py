@@ -16,9 +16,10 @@ TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `reward
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import pathlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,9 @@ import ml_collections
 import numpy as np
 
 from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm import objectives
+from jaxllm import scoring
 from jaxllm import sharding
 from jaxllm.data import lm
 from jaxllm.data import preference
@@ -55,14 +58,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def group_logps(model_config: llama.LlamaConfig, params, batch) -> jax.Array:
     """Summed response log-probabilities `[G, K]` float32 of a preference batch, in the group order
-    of `preference.flat_groups` (`G = b`, or `b * S` for packed rows: summed per segment)."""
+    of `preference.flat_groups` (`G = b`, or `b * S` for packed rows: summed per segment); the
+    token log-probs are chunked over positions when `model.loss_chunk_size > 0` (`jaxllm.scoring`)."""
     b, k, length = batch["inputs"].shape
     flat = lambda x: x.reshape(b * k, length)  # noqa: E731
-    logits = llama.apply(model_config, params, flat(batch["inputs"]), flat(batch["positions"]),
-                         flat(batch["segment_ids"]))
+    logps, _ = scoring.target_logprobs(model_config, params, flat(batch["inputs"]), flat(batch["positions"]),
+                                       flat(batch["segment_ids"]), flat(batch["targets"]))
+    logps = logps * flat(batch["loss_mask"])  # [b*K, L]
     if batch["response_mask"].ndim == 2:
-        return objectives.sequence_logprobs(logits, flat(batch["targets"]), flat(batch["loss_mask"])).reshape(b, k)
-    logps = objectives.token_logprobs(logits, flat(batch["targets"])) * flat(batch["loss_mask"])  # [b*K, L]
+        return jnp.sum(logps, axis=-1).reshape(b, k)
     in_segment = flat(batch["segment_ids"])[..., None] == jnp.arange(1, batch["response_mask"].shape[1] + 1)
     per_segment = jnp.sum(jnp.where(in_segment, logps[..., None], 0.0), axis=1)  # [b*K, S]
     return preference.segments_to_groups(per_segment, b, k)
@@ -119,7 +123,7 @@ def params_fingerprint(params, mesh: jax.sharding.Mesh) -> str:
     return hashlib.sha256(json.dumps(leaves).encode("utf-8")).hexdigest()
 
 
-def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, rules, path: pathlib.Path,
+def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, rules, path: os.PathLike,
                     needed: np.ndarray | None = None, key: str = "") -> np.ndarray:
     """Reference log-probs `[num_groups, 2]` float32 (DPO groups are pairs) of the groups `needed`, cached at `path`.
 
@@ -133,9 +137,9 @@ def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, 
     """
     want = np.arange(num_groups) if needed is None else np.asarray(needed, np.int64)
     table = None
-    cached = np.load(path) if path.exists() else None  # an older `.npy` table has no key: recomputed
-    if isinstance(cached, np.lib.npyio.NpzFile):
-        with cached:
+    path = fs.path(path)
+    if path.exists():
+        with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as cached:
             table = cached["table"] if str(cached["key"]) == key else None
     if table is None or table.shape[0] != num_groups:
         table = np.full((num_groups, 2), np.nan, np.float32)
@@ -154,7 +158,7 @@ def reference_table(model_config, ref_params, make_data, num_groups: int, mesh, 
             table[groups["group_index"][keep]] = np.asarray(logps)[keep]
             count += int(keep.sum())
     if jax.process_index() == 0:
-        with config_lib.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with fs.atomic_path(path) as tmp, tmp.open("wb") as f:
             np.savez(f, table=table, key=np.array(key))
     logging.info("reference log-probs of %d groups (%d of %d cached before) -> %s", count,
                  len(want) - len(missing), num_groups, path)

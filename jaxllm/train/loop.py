@@ -38,9 +38,11 @@ import tqdm
 
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm import sharding
 from jaxllm.train import metrics as metrics_lib
 from jaxllm.train import optim
+from jaxllm.train import progress
 
 Batch = dict[str, jax.Array]
 # loss_fn(params, batch, rng) -> (loss_sum, sums); sums["count"] is what the loss is normalised by
@@ -450,8 +452,8 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                 texts = stage.sample_fn(params)
             for text in texts:
                 tqdm.tqdm.write(f"[sample @ {step}] {text!r}")
-                with open(stage_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, "text": text}) + "\n")
+            fs.append_text(stage_dir / "samples.jsonl",
+                           "".join(json.dumps({"step": step, "text": text}) + "\n" for text in texts))
 
         def train_row(rows):
             sums = _mean_rows(rows)
@@ -460,8 +462,8 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                     "nonfinite_steps": nonfinite}
 
         # ---- Loop -----------------------------------------------------------------------------
-        bar = tqdm.tqdm(total=tc.steps, initial=start, desc=stage.name, dynamic_ncols=True,
-                        disable=not tc.progress_bar or jax.process_index() != 0)
+        bar = progress.progress_bar(total=tc.steps, initial=start, desc=stage.name,
+                                    disable=not tc.progress_bar or jax.process_index() != 0)
         write = bar.write if jax.process_index() == 0 else (lambda text: None)  # progress: process 0 only
         pending: list[dict] = []
         eval_metrics: dict[str, float] = {}
@@ -549,7 +551,7 @@ def run(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh
                                        else state.params)
             if jax.process_index() == 0:
                 done = metrics_lib.finite_or_none({"step": step, "eval": eval_metrics})
-                config_lib.write_atomic(stage_dir / "done.json", json.dumps(done, indent=2, sort_keys=True) + "\n")
+                fs.write_atomic(stage_dir / "done.json", json.dumps(done, indent=2, sort_keys=True) + "\n")
         writer.close()
         return Result(step, state, False, eval_metrics)
 

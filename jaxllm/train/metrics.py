@@ -1,4 +1,4 @@
-"""Metric writers (metrics.jsonl, TensorBoard, a tqdm bar) and model-FLOPs utilisation.
+"""Metric writers (metrics.jsonl, TensorBoard) and model-FLOPs utilisation.
 
 Only process 0 writes. `metrics.jsonl` has one JSON object per logged step, e.g.
 `{"step": 100, "loss": 2.31, "learning_rate": 0.001, "grad_norm": 0.8, "nonfinite_steps": 0.0,
@@ -13,14 +13,14 @@ import functools
 import json
 import logging
 import math
-import pathlib
+import os
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from jaxllm import config as config_lib
+from jaxllm import fs
 
 # Dense bf16 peak FLOP/s per chip from the vendors' datasheets (no sparsity).
 PUBLISHED_PEAK_FLOPS = {
@@ -88,19 +88,19 @@ def finite_or_none(value: Any) -> Any:
 class MetricWriter:
     """Writes scalar metrics to `metrics.jsonl` and TensorBoard event files in `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, *, enabled: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
-        self.directory = pathlib.Path(directory)
+        self.directory = fs.path(directory)
         self._tb = None
         if self.enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.directory), flush_secs=30)
-            self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+            self._tb = SummaryWriter(os.fspath(self.directory), flush_secs=30)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Records `scalars` (floats) at `step`."""
+        """Records `scalars` (floats) at `step`: one line appended to `metrics.jsonl` (on Cloud
+        Storage, which cannot append, the object is rewritten: see `fs.append_text`)."""
         if not self.enabled:
             return
         row = {"step": int(step)}
@@ -108,24 +108,22 @@ class MetricWriter:
             value = float(value)
             row[key] = value
             self._tb.add_scalar(key, value, step)
-        self._jsonl.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
-        self._jsonl.flush()
+        fs.append_text(self.directory / "metrics.jsonl", json.dumps(finite_or_none(row), allow_nan=False) + "\n")
 
     def close(self) -> None:
-        """Flushes and closes the files."""
+        """Flushes and closes the TensorBoard writer."""
         if self.enabled:
             self._tb.close()
-            self._jsonl.close()
 
 
-def truncate_metrics(directory: str | pathlib.Path, last_step: int) -> None:
+def truncate_metrics(directory: str | os.PathLike, last_step: int) -> None:
     """Drops rows after `last_step` from `metrics.jsonl` (a resumed run rewrites them).
 
     After a crash between checkpoints the file holds steps that will be trained again; removing
     them keeps one row per step, so the file shows the trajectory of the finished run. The file is
     replaced atomically: a crash during the rewrite leaves the old one.
     """
-    path = pathlib.Path(directory) / "metrics.jsonl"
+    path = fs.path(directory) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.exists():
         return
     kept = []
@@ -135,12 +133,12 @@ def truncate_metrics(directory: str | pathlib.Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             logging.warning("dropping a damaged line from %s", path)
-    config_lib.write_atomic(path, "".join(line + "\n" for line in kept))
+    fs.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def read_metrics(directory: str | pathlib.Path) -> list[dict]:
+def read_metrics(directory: str | os.PathLike) -> list[dict]:
     """All rows of `directory/metrics.jsonl`."""
-    path = pathlib.Path(directory) / "metrics.jsonl"
+    path = fs.path(directory) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -10,13 +10,14 @@ only (`jaxllm.data.chat`), reports held-out loss and `mean_token_accuracy`, and 
 from __future__ import annotations
 
 import math
-import pathlib
 
 import jax
 import ml_collections
+from etils import epath
 
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import config as config_lib
+from jaxllm import fs
 from jaxllm import sampling
 from jaxllm.data import chat
 from jaxllm.data import lm
@@ -47,9 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def source_stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> pathlib.Path:
-    """`RUN_DIR/<stage>/` (or `init_run_dir/<stage>/`); `stage` defaults to `init_from`."""
-    return pathlib.Path(config.init_run_dir or config.run_dir) / (stage or config.init_from)
+def source_stage_dir(config: ml_collections.ConfigDict, stage: str | None = None) -> epath.Path:
+    """`RUN_DIR/<stage>/` (or `init_run_dir/<stage>/`, local or `gs://`); `stage` defaults to `init_from`."""
+    return fs.path(config.init_run_dir or config.run_dir) / (stage or config.init_from)
 
 
 def init_model(config: ml_collections.ConfigDict, source: str | None = None):
@@ -84,7 +85,7 @@ def params_loader(config: ml_collections.ConfigDict, reader, model_config, mesh,
 def prepare_sources(config: ml_collections.ConfigDict) -> None:
     """Writes the stdlib task sets if `config.stdlib_tasks`, and fills `{run_dir}` in data specs."""
     if config.stdlib_tasks:
-        stdlib_tasks.build(pathlib.Path(config.run_dir) / "data" / "stdlib", seed=config.seed,
+        stdlib_tasks.build(fs.path(config.run_dir) / "data" / "stdlib", seed=config.seed,
                            max_examples=config.stdlib_max_examples)
     for key in ("sources", "eval_sources"):
         config.data[key] = config.data[key].replace("{run_dir}", str(config.run_dir))
