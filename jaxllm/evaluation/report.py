@@ -159,20 +159,37 @@ def evaluate_run(run_dir: str | pathlib.Path, c: ml_collections.ConfigDict, mesh
         res = _policy_eval(model_config, policies, reward_params, prompts_ds, c, (template.end_id, template.eos_id),
                            tokenizer.pad_id, max_context, mesh, rules)
         prompt_tokens = res.pop("_prompts")
-        base = res["sft"]["reward"]
-        report["policies"] = {}
-        for name, r in res.items():
-            wins = np.mean((r["reward"] > base) + 0.5 * (r["reward"] == base))
-            report["policies"][name] = {
-                "mean_reward": float(np.mean(r["reward"])), "win_rate_vs_sft": float(wins),
-                "kl_to_sft": float(np.mean(r["kl"])), "mean_length": float(np.mean(r["length"])),
-                "missing_eos_rate": float(1.0 - np.mean(r["ended"])), "prompts": int(len(r["reward"]))}
+        report["policies"] = {name: policy_stats(r, res["sft"]["reward"]) for name, r in res.items()}
         report["samples"] = [
             {"prompt": tokenizer.decode(prompt_tokens[i]),
              **{name: template.decode_response(res[name]["tokens"][i].tolist()) for name in res}}
             for i in range(min(c.samples_in_report, len(prompt_tokens)))]
     write_report(report, run_dir)
     return report
+
+
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of `values` (`[n]`): sample standard deviation (ddof 1) / sqrt(n);
+    NaN when n < 2."""
+    values = np.asarray(values, np.float64)
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def policy_stats(r: dict[str, np.ndarray], sft_reward: np.ndarray) -> dict[str, float]:
+    """The report's row of one policy from its per-prompt arrays (`_policy_eval`): mean reward, win
+    rate against SFT on the same prompts (a win scores 1, a tie 0.5, a loss 0) and KL to SFT, each
+    with its standard error over prompts (`standard_error`), mean length, missing-eos rate."""
+    wins = (r["reward"] > sft_reward) + 0.5 * (r["reward"] == sft_reward)
+    return {"mean_reward": float(np.mean(r["reward"])), "mean_reward_se": standard_error(r["reward"]),
+            "win_rate_vs_sft": float(np.mean(wins)), "win_rate_se": standard_error(wins),
+            "kl_to_sft": float(np.mean(r["kl"])), "kl_to_sft_se": standard_error(r["kl"]),
+            "mean_length": float(np.mean(r["length"])), "missing_eos_rate": float(1.0 - np.mean(r["ended"])),
+            "prompts": int(len(r["reward"]))}
+
+
+def _pm(mean: float, se: float | None, digits: int) -> str:
+    """`mean ± se` (the se left out when it is not finite: one prompt)."""
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and np.isfinite(se) else "")
 
 
 def _fmt(v: Any) -> str:
@@ -199,13 +216,16 @@ def write_report(report: dict[str, Any], run_dir: pathlib.Path) -> None:
                             json.dumps(metrics_lib.finite_or_none(report), indent=2, sort_keys=True) + "\n")
     lines = [f"# jaxllm report: {run_dir.name}", ""]
     if "policies" in report:
-        lines += ["## Policies on held-out prompts (reward model of this run)", "",
+        lines += ["## Policies on held-out prompts (judge: this run's reward model, the one PPO optimised)", "",
                   "| policy | mean reward | win rate vs SFT | KL to SFT (nats/response) | mean length (tokens) | missing eos |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, p in report["policies"].items():
-            lines.append(f"| {name} | {p['mean_reward']:.4f} | {p['win_rate_vs_sft']:.3f} | {p['kl_to_sft']:.3f} | "
+            lines.append(f"| {name} | {_pm(p['mean_reward'], p.get('mean_reward_se'), 4)} | "
+                         f"{_pm(p['win_rate_vs_sft'], p.get('win_rate_se'), 3)} | "
+                         f"{_pm(p['kl_to_sft'], p.get('kl_to_sft_se'), 3)} | "
                          f"{p['mean_length']:.1f} | {p['missing_eos_rate']:.3f} |")
-        lines += ["", f"{next(iter(report['policies'].values()))['prompts']} prompts.", ""]
+        lines += ["", f"{next(iter(report['policies'].values()))['prompts']} prompts; ± one standard error over "
+                  "prompts. A policy trained against this judge can raise its score without getting better.", ""]
     if "reward_model" in report:
         # Chance: a scorer that ignores the text ranks a pair right half the time.
         lines += ["## Reward model held-out accuracy", "", "| split | accuracy | chance |", "| --- | ---: | ---: |"]
