@@ -28,8 +28,69 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
+def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *,
+                           chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """`token_logprobs` and argmax hits of `logits = hidden @ head`, a chunk of positions at a time.
+
+    The same values as `token_logprobs((hidden @ head).astype(float32), targets)` (the LM head of
+    `jaxllm.models.llama`: a matmul over the flattened tokens in the dtype of `hidden`/`head`, then
+    the log-softmax in float32; equal up to float32 reassociation in the gradient), but the
+    `[batch, length, vocab]` logits never exist at once: a `lax.scan` over chunks of `chunk_size`
+    positions computes one chunk's `[batch, chunk_size, vocab]` float32 logits, reduces them to
+    log-probs, and drops them; its body is under `jax.checkpoint`, so the backward pass recomputes
+    each chunk's logits from `hidden` and `head` instead of saving them. At once, forward or
+    backward, there exist `hidden` (and its gradient), `head` and its float32 gradient accumulator
+    `[embed, vocab]`, and one or two chunks' logits and their gradient (softmax - one-hot), i.e.
+    `O(batch * chunk_size * vocab)` instead of `O(batch * length * vocab)`, for one more head matmul
+    per chunk in the backward pass. The idea of Liger-Kernel's fused linear cross-entropy (Hsu et
+    al. 2024) and MaxText's vocabulary tiling (`num_vocab_tiling`), here over sequence chunks.
+
+    A `length` that is not a multiple of `chunk_size` is padded (zero hidden states, target 0) to
+    the next multiple and the padding is sliced off; a `chunk_size >= length` is one chunk.
+
+    Args:
+      hidden: `[batch, length, embed]` final-normed hidden states (compute dtype).
+      head: `[embed, vocab]` LM head weight (same dtype; the transposed embedding when tied).
+      targets: `[batch, length]` int32 token ids in `[0, vocab)`.
+      chunk_size: positions per chunk (a Python int >= 1).
+
+    Returns:
+      `(logprobs, correct)`: `[batch, length]` float32 `log softmax(logits)[targets]` and
+      `[batch, length]` bool `argmax(logits) == targets`.
+
+    Raises:
+      ValueError: `chunk_size < 1`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    batch, length, embed = hidden.shape
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [num_chunks, batch, chunk, ...]: the chunks as scan inputs, so the backward pass writes each
+    # chunk's hidden-state gradient into its own slot (no full-size accumulator per chunk).
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, embed).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # saves only its inputs: the backward pass recomputes the chunk's logits
+    def one_chunk(w, h, t):
+        # A 2-D matmul over the chunk's flattened tokens, llama's head expression: in bfloat16 the
+        # same rounding as the unchunked logits (XLA rounds a 3-D dot's output differently), and
+        # XLA's CPU dot over the 3-D [batch, chunk, embed] operand was ~1.5x slower.
+        logits = (h.reshape(-1, embed) @ w).astype(jnp.float32).reshape(batch, chunk, -1)  # [batch, chunk, vocab]
+        return token_logprobs(logits, t), jnp.argmax(logits, axis=-1) == t
+
+    _, (logprobs, correct) = jax.lax.scan(lambda w, xs: (w, one_chunk(w, *xs)), head,
+                                          (hidden_chunks, target_chunks))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]  # noqa: E731
+    return unchunk(logprobs), unchunk(correct)
+
+
 def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Summed next-token cross-entropy `-sum_t mask_t log p(target_t)` (nats).
+    """Summed next-token cross-entropy `-sum_t mask_t log p(target_t)` (nats) of `logits`.
 
     Args:
       logits: `[batch, length, vocab]`.
@@ -37,13 +98,28 @@ def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tupl
       loss_mask: `[batch, length]` float, 1 for real targets and 0 for padding / document starts.
 
     Returns:
+      See `lm_loss_from_logprobs`.
+    """
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return lm_loss_from_logprobs(token_logprobs(logits, targets), correct, loss_mask)
+
+
+def lm_loss_from_logprobs(logprobs: jax.Array, correct: jax.Array,
+                          loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`lm_loss` from the target log-probs (`token_logprobs` or `chunked_token_logprobs`).
+
+    Args:
+      logprobs: `[batch, length]` float32 `log p(target_t)`.
+      correct: `[batch, length]` bool, argmax of the logits == target.
+      loss_mask: `[batch, length]` float, 1 for real targets and 0 for padding / document starts.
+
+    Returns:
       `(loss_sum, sums)`: scalar float32 loss summed over real targets, and a dict of summed
       statistics with `num_tokens` (real target count) and `correct` (argmax hits), both float32.
     """
     mask = loss_mask.astype(jnp.float32)
-    nll = -token_logprobs(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(nll * mask), {"num_tokens": jnp.sum(mask), "correct": jnp.sum(correct * mask)}
+    sums = {"num_tokens": jnp.sum(mask), "correct": jnp.sum(correct.astype(jnp.float32) * mask)}
+    return jnp.sum(-logprobs * mask), sums
 
 
 # ---- Reward models ---------------------------------------------------------------------------
@@ -236,19 +312,6 @@ def dpo_loss(
         "logps/rejected": jnp.sum(policy_rejected_logps * mask),
     }
     return jnp.sum(per_pair * mask), sums
-
-
-def sequence_logprobs(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Summed log-probability of the masked target tokens of each sequence.
-
-    Args:
-      logits: `[batch, length, vocab]`; targets: `[batch, length]` int32;
-      loss_mask: `[batch, length]` float, 1 on the response tokens.
-
-    Returns:
-      `[batch]` float32 `sum_t mask_t log p(target_t)`.
-    """
-    return jnp.sum(token_logprobs(logits, targets) * loss_mask.astype(jnp.float32), axis=-1)
 
 
 # ---- PPO ---------------------------------------------------------------------------------------

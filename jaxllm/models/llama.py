@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.remat_policy = "none"  # one of REMAT_POLICIES
     c.attention_impl = ""  # one of ATTENTION_IMPLS: "" einsums on CPU, else jax.nn's choice; "xla" | "cudnn"
     # (layers.dot_product_attention); "splash": TPU splash attention kernel (layers.splash_attention)
+    # Sequence positions per chunk of the LM loss (objectives.chunked_token_logprobs): the float32
+    # [batch, length, vocab] logits never exist at once. 0 = off (the whole logits array).
+    c.loss_chunk_size = 0
     return c
 
 
@@ -135,6 +138,7 @@ class LlamaConfig:
     attention_impl: str | None = None
     architecture: str = ""
     rope_scaling: layers.RopeScaling | None = None  # model.rope_* keys (layers.scaled_inv_freq)
+    loss_chunk_size: int = 0  # model.loss_chunk_size (jaxllm.scoring); 0 = unchunked
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> "LlamaConfig":
@@ -143,8 +147,8 @@ class LlamaConfig:
         Raises:
           ConfigError: naming the `model.*` key that is inconsistent (vocab unset, heads not dividing
             the width, kv heads not dividing heads, odd head_dim, unknown dtype, remat policy,
-            attention implementation, architecture or rope scaling, or rope scaling parameters
-            out of range).
+            attention implementation, architecture or rope scaling, rope scaling parameters
+            out of range, or a negative loss chunk size).
         """
         if c.vocab_size <= 0:
             raise ConfigError("model.vocab_size must be set (> 0) before building the model")
@@ -165,6 +169,9 @@ class LlamaConfig:
         architecture = c.get("architecture", "")
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"model.architecture={architecture!r}; expected one of {ARCHITECTURES}")
+        loss_chunk_size = int(c.get("loss_chunk_size", 0))  # configs saved before the key have none
+        if loss_chunk_size < 0:
+            raise ConfigError(f"model.loss_chunk_size={loss_chunk_size} must be >= 0 (0 = unchunked loss)")
         return cls(
             vocab_size=c.vocab_size, embed_dim=c.embed_dim, num_layers=c.num_layers,
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=head_dim,
@@ -172,7 +179,7 @@ class LlamaConfig:
             tie_embeddings=c.tie_embeddings, qkv_bias=c.qkv_bias, init_std=c.init_std,
             dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype], scan_layers=c.scan_layers,
             remat_policy=c.remat_policy, attention_impl=c.attention_impl or None,
-            rope_scaling=_rope_scaling(c), architecture=architecture,
+            rope_scaling=_rope_scaling(c), architecture=architecture, loss_chunk_size=loss_chunk_size,
         )
 
 
@@ -343,6 +350,8 @@ class Decoder(nn.Module):
     `jaxllm.data.span_corruption.prefix_lm_attention_mask`). With a cache it covers the new tokens
     only: a prefill of the whole prefix in one call gives its bidirectional attention, the decode
     steps after it are causal, and the result equals the uncached forward of the whole sequence.
+    `return_hidden` (training path, LM head only) stops before the LM head matmul and returns
+    `(hidden, head)` instead of logits (see `apply`).
     """
 
     config: LlamaConfig
@@ -350,7 +359,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: dict | None = None, last_logits_only: bool = False, prefix_mask: jax.Array | None = None):
+                 cache: dict | None = None, last_logits_only: bool = False, prefix_mask: jax.Array | None = None,
+                 return_hidden: bool = False):
         cfg = self.config
         batch, length = inputs.shape
         embedding = layers.param_with_axes(
@@ -392,7 +402,7 @@ class Decoder(nn.Module):
         else:
             for i in range(cfg.num_layers):
                 x, _ = block(cfg, name=f"layers_{i}")(x, cos, sin, mask)
-        return self._head(x, embedding, batch, length)
+        return self._head(x, embedding, batch, length, return_hidden)
 
     def _cached_layers(self, x, cos, sin, segment_ids, cache, prefix_mask=None):
         """The blocks over the new tokens `x` with the KV `cache`; returns `(x, updated cache)`.
@@ -426,10 +436,16 @@ class Decoder(nn.Module):
                     x, cos, sin, mask, cache[f"layers_{i}"], index)
         return x, new
 
-    def _head(self, x, embedding, batch, length):
-        """Final norm and LM head: `x` `[batch * length, embed]` -> float32 `[batch, length, vocab]`."""
+    def _head(self, x, embedding, batch, length, return_hidden=False):
+        """Final norm and LM head: `x` `[batch * length, embed]` -> float32 `[batch, length, vocab]`.
+
+        With `return_hidden`: `(hidden [batch, length, embed], head [embed, vocab])`, both in
+        `cfg.dtype`, whose product cast to float32 is exactly these logits.
+        """
         cfg = self.config
         x = layers.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        if return_hidden and self.head != "lm":
+            raise ValueError(f"return_hidden needs the LM head, not head={self.head!r}")
         if self.head == "scalar":
             # Initialised small so first rewards/values are ~0 and the backbone's features lead.
             score = layers.param_with_axes(
@@ -437,12 +453,14 @@ class Decoder(nn.Module):
                 ("embed", "score"), cfg.param_dtype)
             return (x @ score.astype(cfg.dtype)).astype(jnp.float32).reshape(batch, length)
         if cfg.tie_embeddings:
-            logits = x @ embedding.astype(cfg.dtype).T
+            head = embedding.astype(cfg.dtype).T
         else:
             head = layers.param_with_axes(
                 self, "lm_head", _normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size),
-                ("embed", "vocab"), cfg.param_dtype)
-            logits = x @ head.astype(cfg.dtype)
+                ("embed", "vocab"), cfg.param_dtype).astype(cfg.dtype)
+        if return_hidden:
+            return nn.with_logical_constraint(x, ("batch", "act_embed")).reshape(batch, length, cfg.embed_dim), head
+        logits = x @ head
         logits = nn.with_logical_constraint(logits, ("batch", "act_vocab"))
         return logits.astype(jnp.float32).reshape(batch, length, cfg.vocab_size)
 
@@ -460,12 +478,20 @@ def init(config: LlamaConfig, rng: jax.Array, batch_size: int = 1, length: int =
 
 
 def apply(config: LlamaConfig, params, inputs: jax.Array, positions: jax.Array,
-          segment_ids: jax.Array, head: str = "lm", prefix_mask: jax.Array | None = None) -> jax.Array:
+          segment_ids: jax.Array, head: str = "lm", prefix_mask: jax.Array | None = None,
+          return_hidden: bool = False):
     """Logits `[batch, length, vocab]` float32 (or scores `[batch, length]` with `head="scalar"`)
     for int32 `inputs, positions, segment_ids` `[batch, length]`; optional int `prefix_mask`
-    `[batch, length]` (1 = bidirectional prefix token) trains a prefix LM (see `Decoder`)."""
+    `[batch, length]` (1 = bidirectional prefix token) trains a prefix LM (see `Decoder`).
+
+    `return_hidden=True` returns `(hidden, head)` instead of logits: the final-normed hidden states
+    `[batch, length, embed]` and the LM head weight `[embed, vocab]` (the transposed embedding when
+    tied), both in the compute dtype `config.dtype`; `(hidden @ head).astype(float32)` is the logits,
+    computed the same way, so a loss can take them chunk by chunk
+    (`objectives.chunked_token_logprobs`). Raises ValueError with `head="scalar"`.
+    """
     return Decoder(config, head=head).apply({"params": params}, inputs, positions, segment_ids,
-                                            prefix_mask=prefix_mask)
+                                            prefix_mask=prefix_mask, return_hidden=return_hidden)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None) -> dict:

@@ -15,6 +15,7 @@ import ml_collections
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import objectives
 from jaxllm import sampling
+from jaxllm import scoring
 from jaxllm import sharding
 from jaxllm.data import lm
 from jaxllm.data import tokenizer as tokenizer_lib
@@ -72,12 +73,14 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.To
 
 
 def lm_loss_fn(model_config: llama.LlamaConfig):
-    """`loss_fn(params, batch, rng) -> (loss_sum, sums)` for `jaxllm.train.loop`."""
+    """`loss_fn(params, batch, rng) -> (loss_sum, sums)` for `jaxllm.train.loop` (chunked over
+    positions when `model.loss_chunk_size > 0`; `jaxllm.scoring`)."""
 
     def loss_fn(params, batch, rng):
         del rng
-        logits = llama.apply(model_config, params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        loss_sum, sums = objectives.lm_loss(logits, batch["targets"], batch["loss_mask"])
+        logprobs, correct = scoring.target_logprobs(model_config, params, batch["inputs"], batch["positions"],
+                                                    batch["segment_ids"], batch["targets"])
+        loss_sum, sums = objectives.lm_loss_from_logprobs(logprobs, correct, batch["loss_mask"])
         return loss_sum, {"count": sums["num_tokens"], "correct": sums["correct"]}
 
     return loss_fn

@@ -35,6 +35,7 @@ import numpy as np
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import objectives
 from jaxllm import sampling
+from jaxllm import scoring
 from jaxllm.config import ConfigError
 from jaxllm.data import lm
 from jaxllm.data import sources
@@ -108,9 +109,10 @@ def prefix_lm_loss_fn(model_config: llama.LlamaConfig):
 
     def loss_fn(params, batch, rng):
         del rng
-        logits = llama.apply(model_config, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             prefix_mask=batch["prefix_mask"])
-        loss_sum, sums = objectives.lm_loss(logits, batch["targets"], batch["loss_mask"])
+        logprobs, correct = scoring.target_logprobs(model_config, params, batch["inputs"], batch["positions"],
+                                                    batch["segment_ids"], batch["targets"],
+                                                    prefix_mask=batch["prefix_mask"])
+        loss_sum, sums = objectives.lm_loss_from_logprobs(logprobs, correct, batch["loss_mask"])
         return loss_sum, {"count": sums["num_tokens"], "correct": sums["correct"]}
 
     return loss_fn
