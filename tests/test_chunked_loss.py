@@ -22,12 +22,10 @@ LENGTH = 10
 CHUNKS = (1, 3, 4, 10, 16)  # dividing the length, not dividing it, one chunk, longer than it
 
 
-def make_config(**overrides):
-    c = llama.default_config()
-    c.update(dict(vocab_size=97, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                  rope_theta=500.0, norm_eps=1e-6))
-    c.update(overrides)
-    return llama.LlamaConfig.from_config(c)
+try:  # tests/ is a package (tests/__init__.py) or a plain directory on sys.path
+    from tests.test_model import make_config
+except ImportError:
+    from test_model import make_config
 
 
 def make_batch(batch=3, length=LENGTH, vocab=97, seed=0):
