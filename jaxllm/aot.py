@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxllm import console
 from jaxllm import sharding
-from jaxllm.data import span_corruption
+from jaxllm.data import packing, span_corruption
 from jaxllm.models import llama
 from jaxllm.models import t5
 from jaxllm.train import loop, pretrain, pretrain_t5
@@ -179,11 +179,11 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
                                          inputs_length=dc.inputs_length, targets_length=dc.targets_length)
     if layout.format == "t5":
         loss_fn = pretrain_t5.t5_loss_fn(model.config)
-        row = span_corruption.pack_t5([], layout.inputs_length, layout.targets_length)
+        row = packing.pack_t5([], layout.inputs_length, layout.targets_length)
         flops = t5.flops_per_example(model.config, layout.inputs_length, layout.targets_length) * rows
     else:
         loss_fn = pretrain_t5.prefix_lm_loss_fn(model.config)
-        row = span_corruption.pack_prefix_lm([], layout.inputs_length)
+        row = packing.pack_prefix_lm([], layout.inputs_length)
         flops = llama.flops_per_token(model.config, layout.inputs_length) * rows * layout.inputs_length
     return StepSpec(loop.Stage(name="pretrain", init_params=model.init, loss_fn=loss_fn, train_data=None), row, flops)
 

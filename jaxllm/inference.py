@@ -415,7 +415,7 @@ def score_groups(stage: LoadedStage, groups: Sequence[dict], *, batch_size: int)
             for i, x in enumerate(chunk):
                 inputs[i, :len(x)], segment_ids[i, :len(x)], positions[i, :len(x)] = x, 1, np.arange(len(x))
                 lengths[i] = len(x)
-            shards = sampling.batch_shards()
+            shards = sharding.batch_shards()
             arrays = [jnp.asarray(sampling.pad_rows(a, shards)) for a in (inputs, positions, segment_ids, lengths)]
             values.append(np.asarray(forward(stage.params, *arrays))[:len(chunk)])
     flat = np.concatenate(values) if values else np.zeros(0, np.float32)

@@ -47,7 +47,6 @@ and activations carry logical-axis constraints (batch over ('data', 'fsdp'), kv 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -55,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import sharding
 from jaxllm.models import llama
 
 
@@ -185,16 +185,6 @@ def prompt_window(seq: jax.Array, end: jax.Array | int, size: int, first_real: j
     segment_ids = (slots[None, :] >= real_start).astype(jnp.int32)
     positions = jnp.where(segment_ids > 0, slots[None, :] - real_start, 0)
     return inputs, positions, segment_ids, end - real_start[:, 0]
-
-
-def batch_shards() -> int:
-    """Shards of the logical `batch` axis under the active mesh and logical-axis rules (1 if none)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = dict(nn.get_logical_axis_rules()).get("batch")
-    if mesh.empty or not axes:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
 
 
 def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -343,7 +333,7 @@ def sample(
             raise ValueError(f"prefix_lm: prompt ({prompt_len} slots) + max_new_tokens ({max_new_tokens}) - 1 "
                              f"exceeds max_context={max_context}; a prefix LM cannot re-encode its window")
         cache_len = min(cache_len, max_context)
-    shards = batch_shards()
+    shards = sharding.batch_shards()
     out = _sample(model_config, params, jnp.asarray(pad_rows(tokens, shards)), jnp.asarray(pad_rows(lengths, shards)),
                   rng, stop_array(stop_ids), max_new_tokens=int(max_new_tokens), cache_len=cache_len,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=int(pad_id),
@@ -538,7 +528,7 @@ def beam_search(
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_context={max_context}")
         tokens, lengths = tokens[:, overflow:], np.minimum(lengths, tokens.shape[1] - overflow)
     batch = len(tokens)
-    shards = batch_shards()
+    shards = sharding.batch_shards()
     out = _beam_search(model_config, params, jnp.asarray(pad_rows(tokens, shards)),
                        jnp.asarray(pad_rows(lengths, shards)), stop_array(stop_ids), jnp.float32(alpha),
                        beam_size=int(beam_size), max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))

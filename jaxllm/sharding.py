@@ -405,6 +405,16 @@ def _log_first_batch(local: dict[str, np.ndarray]) -> None:
                  {k: v.shape for k, v in sorted(local.items())}, h.hexdigest())
 
 
+def batch_shards() -> int:
+    """Shards of the logical `batch` axis under the active mesh and logical-axis rules (1 if none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = dict(nn.get_logical_axis_rules()).get("batch")
+    if mesh.empty or not axes:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A fully replicated sharding on `mesh`."""
     return NamedSharding(mesh, PartitionSpec())

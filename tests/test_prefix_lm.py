@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm import sampling
-from jaxllm.data import lm, span_corruption as sc
+from jaxllm.data import lm, packing, span_corruption as sc
 from jaxllm.models import llama
 from jaxllm.train import pretrain_t5
 
@@ -65,7 +65,7 @@ def test_one_layer_dependencies_are_the_prefix_lm_mask():
         want = HAND_MASKS[b]
         np.testing.assert_array_equal(depends[b], want)
         # The data pipeline documents the same mask.
-        np.testing.assert_array_equal(sc.prefix_lm_attention_mask(SEGMENTS, PREFIX)[b], want)
+        np.testing.assert_array_equal(packing.prefix_lm_attention_mask(SEGMENTS, PREFIX)[b], want)
     assert depends[0, 0, 2] and not depends[0, 3, 4] and not depends[0, 5, 4]  # prefix sees ahead; targets do not
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import ConfigError
-from jaxllm.data import lm, span_corruption as sc, tokenizer
+from jaxllm.data import lm, packing, span_corruption as sc, tokenizer
 from jaxllm.data.sources import DataError
 
 VOCAB = 1000
@@ -241,10 +241,10 @@ def test_corruption_is_a_pure_function_of_seed_and_index():
     (a,), *_ = corrupted(docs, seed=0)
     (b,), *_ = corrupted(docs, seed=0)
     (c,), *_ = corrupted(docs, seed=1)
-    for k in sc.T5_KEYS:
+    for k in packing.T5_KEYS:
         np.testing.assert_array_equal(a[3][k], b[3][k])
-    assert any((a[3][k] != c[3][k]).any() for k in sc.T5_KEYS)
-    assert any((a[3][k] != a[4][k]).any() for k in sc.T5_KEYS)
+    assert any((a[3][k] != c[3][k]).any() for k in packing.T5_KEYS)
+    assert any((a[3][k] != a[4][k]).any() for k in packing.T5_KEYS)
 
 
 def test_ul2_mixture_rates_mode_tokens_and_reconstruction():
@@ -274,7 +274,7 @@ def test_prefix_lm_rows_and_attention_mask():
     parts, layout, sentinels, modes = corrupted(docs, denoisers, inputs_length=64, fmt="prefix_lm")
     for d, part in zip(denoisers, parts):
         ex = part[1]
-        assert all(ex[k].shape == (64,) for k in sc.PREFIX_LM_KEYS)
+        assert all(ex[k].shape == (64,) for k in packing.PREFIX_LM_KEYS)
         np.testing.assert_array_equal(ex["inputs"][1:], ex["targets"][:-1])
         for s in np.unique(ex["segment_ids"][ex["segment_ids"] > 0]):
             sel = ex["segment_ids"] == s
@@ -286,7 +286,7 @@ def test_prefix_lm_rows_and_attention_mask():
             assert not loss[: prefix.sum() - 1].any() and loss[prefix.sum() - 1:-1].all()
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
     prefix = np.array([[1, 1, 0, 0, 1, 0, 0, 0]])
-    mask = sc.prefix_lm_attention_mask(seg, prefix)
+    mask = packing.prefix_lm_attention_mask(seg, prefix)
     # By hand: row i lists the keys query i may attend to. Prefix queries 0, 1 see the prefix {0, 1};
     # targets 2, 3 are causal; piece 2's prefix query 4 sees only itself; padding 7 only itself.
     want = np.array([[int(c) for c in r] for r in
@@ -320,7 +320,7 @@ def test_t5_dataset_batches_process_slices_and_eval(char_tok, tmp_path):
     batch = full[2]
     assert batch["encoder_input_tokens"].shape == (4, 64) and batch["decoder_target_tokens"].shape == (4, 14)
     assert batch["decoder_loss_mask"].dtype == np.float32 and batch["encoder_segment_ids"].dtype == np.int32
-    for k in sc.T5_KEYS:
+    for k in packing.T5_KEYS:
         np.testing.assert_array_equal(np.concatenate([halves[0][2][k], halves[1][2][k]]), batch[k])
     sentinels = [char_tok.sentinel_id(i) for i in range(100)]
     row = 0
@@ -334,6 +334,6 @@ def test_t5_dataset_batches_process_slices_and_eval(char_tok, tmp_path):
     assert last["encoder_input_tokens"].shape == (4, 64)
     assert all(row.any() or not loss.any() for row, loss in zip(last["encoder_segment_ids"], last["decoder_loss_mask"]))
     lm_batch = sc.t5_dataset(config, char_tok, split="train", global_batch_size=4, format="prefix_lm", **kw)[0]
-    assert set(lm_batch) == set(sc.PREFIX_LM_KEYS) and lm_batch["inputs"].shape == (4, 64)
+    assert set(lm_batch) == set(packing.PREFIX_LM_KEYS) and lm_batch["inputs"].shape == (4, 64)
     with pytest.raises(DataError, match="split"):
         sc.t5_dataset(config, char_tok, split="test", global_batch_size=4, **kw)

@@ -12,7 +12,7 @@ import pytest
 
 from jaxllm import sharding
 from jaxllm.config import ConfigError
-from jaxllm.models import t5
+from jaxllm.models import t5, t5_generate
 from jaxllm.train import loop, pretrain_t5
 
 
@@ -109,7 +109,7 @@ def ref_forward(cfg, p, enc_tokens, dec_tokens):
 # ---- Batches -----------------------------------------------------------------------------------
 
 def pack(examples, enc_len, dec_len):
-    """Packs `(encoder_tokens, decoder_targets)` lists per row like span_corruption.pack_t5."""
+    """Packs `(encoder_tokens, decoder_targets)` lists per row like packing.pack_t5."""
     rows = []
     for row in examples:
         b = {k: np.zeros(enc_len if k.startswith("encoder") else dec_len, np.int32) for k in t5.BATCH_KEYS}
@@ -212,13 +212,13 @@ def test_generate_is_greedy_under_the_full_forward():
     cfg = make_config()
     params = init(cfg, jax.random.key(1))
     inputs = [[5, 6, 7, 8, 9, 3], [11, 12, 3]]
-    outs = t5.generate(cfg, params, inputs, 6, eos_id=-1)
+    outs = t5_generate.generate(cfg, params, inputs, 6, eos_id=-1)
     assert [len(o) for o in outs] == [6, 6]
     batch = pack([[(x, o)] for x, o in zip(inputs, outs)], 14, 9)
     logits = np.asarray(apply(cfg, params, batch))
     np.testing.assert_array_equal(logits.argmax(-1)[:, :6], np.array(outs))
     stop = outs[0][2]
-    cut = t5.generate(cfg, params, inputs[:1], 6, eos_id=stop)[0]
+    cut = t5_generate.generate(cfg, params, inputs[:1], 6, eos_id=stop)[0]
     assert cut == outs[0][: outs[0].index(stop) + 1]
 
 

@@ -1,7 +1,9 @@
 """First-fit packing of variable-length items into fixed rows, as an endless, resumable stream.
 
 Used by SFT (examples into `seq_len + 1`-token rows, `jaxllm.data.sft`) and by reward/DPO data
-(preference groups into `[K, seq_len]` rows, `jaxllm.data.preference`).
+(preference groups into `[K, seq_len]` rows, `jaxllm.data.preference`). The row layouts of span
+corruption (`jaxllm.data.span_corruption`) are here too: `pack_t5` (t5x's packed encoder/decoder
+features) and `pack_prefix_lm` (decoder-only prefix-LM rows) with `prefix_lm_attention_mask`.
 
 - **Packing** (`pack_first_fit`). In the given order each item goes into the first row (in order
   of creation) with room for it, or opens a new row; an item is never split; a row may be limited
@@ -26,6 +28,10 @@ import grain
 import numpy as np
 
 _CACHED_PLANS = 4  # epoch plans kept in memory per dataset
+T5_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions", "decoder_input_tokens",
+           "decoder_target_tokens", "decoder_segment_ids", "decoder_positions", "decoder_loss_mask")
+PREFIX_LM_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "prefix_mask")
+DECODER_START_ID = 0  # T5 starts decoding from id 0 (pad), HF's `decoder_start_token_id`
 
 
 def pack_first_fit(
@@ -179,3 +185,80 @@ class PackedRows(grain.MapDataset):
         """Row `r` of the eval packing."""
         row_starts, ids = self._eval_plan
         return self.materialize(ids[row_starts[r] : row_starts[r + 1]])
+
+
+# ---- Span-corruption rows -------------------------------------------------------------------------------------
+
+
+def pack_t5(pieces: Sequence[tuple[np.ndarray, np.ndarray]], inputs_length: int, targets_length: int
+            ) -> dict[str, np.ndarray]:
+    """Packs corrupted `(inputs, targets)` pairs into one encoder row and one decoder row.
+
+    Returns t5x's packed features (`T5_KEYS`), each `[length]`: segment `k + 1` holds piece `k`;
+    `decoder_input_tokens` are the targets shifted right within each segment, starting from
+    `DECODER_START_ID`; `decoder_loss_mask` (float32) is 1 on real target tokens.
+    """
+    out = {k: np.zeros(inputs_length if k.startswith("encoder") else targets_length,
+                       np.float32 if k == "decoder_loss_mask" else np.int32) for k in T5_KEYS}
+    e = d = 0
+    for k, (inputs, targets) in enumerate(pieces):
+        li, lt = len(inputs), len(targets)
+        out["encoder_input_tokens"][e:e + li] = inputs
+        out["encoder_segment_ids"][e:e + li] = k + 1
+        out["encoder_positions"][e:e + li] = np.arange(li)
+        out["decoder_target_tokens"][d:d + lt] = targets
+        out["decoder_input_tokens"][d:d + lt] = np.concatenate([[DECODER_START_ID], targets[:-1]])
+        out["decoder_segment_ids"][d:d + lt] = k + 1
+        out["decoder_positions"][d:d + lt] = np.arange(lt)
+        out["decoder_loss_mask"][d:d + lt] = 1.0
+        e, d = e + li, d + lt
+    return out
+
+
+def pack_prefix_lm(pieces: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """Packs `(inputs, targets)` pairs as decoder-only prefix-LM rows (`PREFIX_LM_KEYS`, `[seq_len]`).
+
+    Piece `k` is `inputs ++ targets` in segment `k + 1`; the row of `seq_len + 1` tokens is shifted
+    by one as in `lm.to_model_inputs`. `prefix_mask` is 1 on input positions holding a corrupted-input
+    token (bidirectional); `loss_mask` is 1 where the target is a target-side token of the same piece.
+    """
+    tokens = np.zeros(seq_len + 1, np.int32)
+    seg = np.zeros(seq_len + 1, np.int32)
+    pos = np.zeros(seq_len + 1, np.int32)
+    is_target = np.zeros(seq_len + 1, bool)
+    i = 0
+    for k, (inputs, targets) in enumerate(pieces):
+        n = len(inputs) + len(targets)
+        tokens[i:i + n] = np.concatenate([inputs, targets])
+        seg[i:i + n], pos[i:i + n] = k + 1, np.arange(n)
+        is_target[i + len(inputs):i + n] = True
+        i += n
+    same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
+    return {
+        "inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg[:-1], "positions": pos[:-1],
+        "loss_mask": (same & is_target[1:]).astype(np.float32),
+        "prefix_mask": ((seg[:-1] > 0) & ~is_target[:-1]).astype(np.int32),
+    }
+
+
+def prefix_lm_attention_mask(segment_ids: np.ndarray, prefix_mask: np.ndarray) -> np.ndarray:
+    """The attention a decoder-only model must use on `format="prefix_lm"` batches.
+
+    `mask[b, i, j] = seg[b, i] == seg[b, j] and (j <= i or (prefix[b, i] and prefix[b, j]))`:
+    bidirectional inside each piece's prefix (its corrupted inputs), causal elsewhere, never across
+    pieces (Raffel et al. 2020, section 3.2.1, "causal with prefix"; UL2 section 3.1.2). Padding
+    (segment 0) attends causally to padding. Works on NumPy or JAX arrays.
+
+    Args:
+      segment_ids: `[batch, length]` int.
+      prefix_mask: `[batch, length]` int or bool.
+
+    Returns:
+      bool `[batch, length, length]`.
+    """
+    length = segment_ids.shape[-1]
+    idx = np.arange(length)
+    causal = idx[None, :] <= idx[:, None]
+    prefix = prefix_mask.astype(bool)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & (causal[None] | (prefix[:, :, None] & prefix[:, None, :]))

@@ -23,7 +23,7 @@ is the prefix token: bos, else eos), sorted by length, and scored in batches: ea
 to the next power of two (`jaxllm.inference.bucket`, at most `max_length`), the rows to
 `min(batch_size, max_batch_tokens // length)` rounded up to the mesh's batch shards (copies of the
 last row, dropped), so a whole evaluation compiles the forward pass once per length bucket. One
-jitted program (`llama.apply`, `objectives.token_logprobs`) returns per row the summed float32
+jitted program (`scoring.target_logprobs`, chunked when `model.loss_chunk_size` is set) returns per row the summed float32
 log-probability of the continuation and whether every continuation token is the argmax
 (`is_greedy`). A request longer than `max_length + 1` tokens keeps its last `max_length + 1` (the
 harness's `hf` backend rule: the left of the context is cut), is counted in `truncated` and logged.
@@ -72,8 +72,8 @@ from tqdm import tqdm
 
 from jaxllm import config as config_lib
 from jaxllm import inference
-from jaxllm import objectives
 from jaxllm import sampling
+from jaxllm import scoring
 from jaxllm import sharding
 from jaxllm.data import chat
 from jaxllm.models import llama
@@ -149,11 +149,10 @@ def scoring_batch(sequences: Sequence[Sequence[int]], num_scored: Sequence[int],
 @functools.partial(jax.jit, static_argnums=0)
 def _score(model_config: llama.LlamaConfig, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """`(logprob [rows] float32, is_greedy [rows] bool)` of the masked targets of `scoring_batch` rows."""
-    logits = llama.apply(model_config, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logprobs, correct = scoring.target_logprobs(model_config, params, batch["inputs"], batch["positions"],
+                                                batch["segment_ids"], batch["targets"])
     scored = batch["loss_mask"] > 0
-    logprobs = jnp.where(scored, objectives.token_logprobs(logits, batch["targets"]), 0.0)
-    greedy = (jnp.argmax(logits, axis=-1) == batch["targets"]) | ~scored
-    return jnp.sum(logprobs, axis=-1), jnp.all(greedy, axis=-1)
+    return jnp.sum(jnp.where(scored, logprobs, 0.0), axis=-1), jnp.all(correct | ~scored, axis=-1)
 
 
 @register_model("jaxllm")
@@ -240,7 +239,7 @@ class JaxLLM(TemplateLM):
 
     def _rows_for(self, length: int) -> int:
         rows = max(1, min(self.batch_size, self.max_batch_tokens // length))
-        shards = sampling.batch_shards()
+        shards = sharding.batch_shards()
         return -(-rows // shards) * shards
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], num_scored: Sequence[int],

@@ -347,7 +347,7 @@ class Decoder(nn.Module):
     of the last token only (the LM head over a whole prompt is wasted work when sampling).
     `prefix_mask` `[batch, length]` makes a prefix LM: tokens with `prefix_mask == 1` also attend
     to the later prefix tokens of their segment (Raffel et al. 2020, section 3.2.1;
-    `jaxllm.data.span_corruption.prefix_lm_attention_mask`). With a cache it covers the new tokens
+    `jaxllm.data.packing.prefix_lm_attention_mask`). With a cache it covers the new tokens
     only: a prefill of the whole prefix in one call gives its bidirectional attention, the decode
     steps after it are causal, and the result equals the uncached forward of the whole sequence.
     `return_hidden` (training path, LM head only) stops before the LM head matmul and returns

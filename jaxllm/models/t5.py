@@ -27,7 +27,7 @@ head_dim]` and `out [heads, head_dim, embed]` (q, k, v, o), `mlp/wi_0, wi_1 [emb
 embed]`, RMS norm scales `[embed]`; `decoder/logits_dense [embed, vocab]` (`lm_head`) when untied.
 
 Generation encodes once (`encode`), builds a cache with the cross-attention keys and values of
-every decoder layer (`init_cache`), and feeds decoder tokens with `decode_step`; `generate` runs the
+every decoder layer (`init_cache`), and feeds decoder tokens with `decode_step`; `t5_generate.generate` runs the
 loop jitted (greedy or temperature sampling).
 """
 
@@ -36,13 +36,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.models import layers
@@ -520,77 +519,6 @@ def decode_step(config: T5Config, params, tokens: jax.Array, positions: jax.Arra
     """
     return Transformer(config).apply({"params": params}, tokens, segment_ids, positions,
                                      cache["encoder_segment_ids"], cache=cache, method=Transformer.decode)
-
-
-def _batch_shards() -> int:
-    """Shards of logical `batch` under the active mesh and rules (1 outside any mesh)."""
-    mesh, axes = jax.sharding.get_abstract_mesh(), dict(nn.get_logical_axis_rules()).get("batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature"))
-def _generate(config: T5Config, params, tokens, segment_ids, positions, rng, eos_id, start_id, *,
-              max_new_tokens: int, temperature: float):
-    batch = tokens.shape[0]
-    encoded = encode(config, params, tokens, segment_ids, positions)
-    cache = init_cache(config, params, encoded, segment_ids, max_new_tokens)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32)
-    ones = jnp.ones((batch, 1), jnp.int32)
-
-    def cond(state):
-        t, _, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        t, last, cache, done, out = state
-        logits, cache = decode_step(config, params, last, ones * t, ones, cache)
-        logits = logits[:, -1]
-        if temperature > 0:
-            nxt = jax.random.categorical(jax.random.fold_in(rng, t), logits / temperature)
-        else:
-            nxt = jnp.argmax(logits, axis=-1)
-        nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
-        out = out.at[:, t].set(nxt)
-        return t + 1, nxt[:, None], cache, done | (nxt == eos_id), out
-
-    start = jnp.full((batch, 1), start_id, jnp.int32)
-    state = (jnp.zeros((), jnp.int32), start, cache, jnp.zeros((batch,), jnp.bool_), out)
-    return jax.lax.while_loop(cond, body, state)[-1]
-
-
-def generate(config: T5Config, params, encoder_tokens: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, eos_id: int = -1, seed: int = 0, start_id: int = 0) -> list[list[int]]:
-    """Encodes each input once and decodes up to `max_new_tokens` tokens with a KV cache.
-
-    Inputs are right-padded (segment 0) to a multiple of 16 tokens, and rows are repeated up to a
-    multiple of the batch shards of the active mesh; decoding starts from `start_id` (T5: 0).
-
-    `encoder_tokens`: ids of each input (non-empty, e.g. corrupted text ending with eos);
-    `temperature` 0 is greedy; a row stops after emitting `eos_id` (-1: never). Returns the generated
-    ids of each input up to and including eos. Raises `ValueError` on an empty input,
-    `max_new_tokens < 1` or `temperature < 0`.
-    """
-    if not encoder_tokens or any(len(t) == 0 for t in encoder_tokens):
-        raise ValueError("every encoder input needs at least one token")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
-    n = len(encoder_tokens)
-    length = -(-max(len(t) for t in encoder_tokens) // 16) * 16
-    rows = -(-n // _batch_shards()) * _batch_shards()
-    tokens = np.zeros((rows, length), np.int32)
-    segments = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        t = encoder_tokens[min(i, n - 1)]
-        tokens[i, :len(t)], segments[i, :len(t)] = t, 1
-    positions = np.where(segments > 0, np.arange(length)[None, :], 0).astype(np.int32)
-    out = np.asarray(_generate(config, params, tokens, segments, positions, jax.random.key(seed),
-                               jnp.int32(eos_id), jnp.int32(start_id), max_new_tokens=max_new_tokens,
-                               temperature=float(temperature)))
-    result = []
-    for row in out[:n].tolist():
-        result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return result
 
 
 # ---- Size and cost ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ corrupts and packs them (`jaxllm.data.span_corruption`) and runs `jaxllm.train.l
 Both losses are normalised by the real target tokens of the global batch. Files go to
 `RUN_DIR/pretrain/` like causal-LM pretraining. Samples (during training and `jaxllm sample`)
 corrupt text with the run's first span denoiser and print the model's fill of each sentinel
-(`SentinelFiller`): T5 encodes once and decodes with a KV cache (`t5.generate`); the prefix LM
+(`SentinelFiller`): T5 encodes once and decodes with a KV cache (`t5_generate.generate`); the prefix LM
 prefills its prompt bidirectionally into the decoder's KV cache and decodes causally
 (`prefix_lm_generate`, `sampling.generate(..., prefix_lm=True)`).
 """
@@ -42,7 +42,7 @@ from jaxllm.data import sources
 from jaxllm.data import span_corruption
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.models import llama
-from jaxllm.models import t5
+from jaxllm.models import t5, t5_generate
 from jaxllm.train import loop
 from jaxllm.train import pretrain
 
@@ -122,7 +122,7 @@ def prefix_lm_generate(config: llama.LlamaConfig, params, prompts: Sequence[Sequ
                        temperature: float = 0.0, eos_id: int = -1, seed: int = 0) -> list[list[int]]:
     """Continues each prompt as a prefix LM: the prompt is the bidirectional prefix, new tokens causal.
 
-    `t5.generate`'s counterpart for decoder-only span-corruption models: `sampling.generate` with
+    `t5_generate.generate`'s counterpart for decoder-only span-corruption models: `sampling.generate` with
     `prefix_lm=True`, one prefill of the prompts into the KV cache, then one-token steps.
 
     Args:
@@ -164,7 +164,7 @@ def build_model(config: ml_collections.ConfigDict) -> Model:
                           f"decoder-only models on data.format='prefix_lm'")
     if family == "t5":
         mc = t5.T5Config.from_config(config.model)
-        return Model(mc, functools.partial(t5.init, mc), functools.partial(t5.generate, mc))
+        return Model(mc, functools.partial(t5.init, mc), functools.partial(t5_generate.generate, mc))
     mc = llama.LlamaConfig.from_config(config.model)
     return Model(mc, functools.partial(llama.init, mc), functools.partial(prefix_lm_generate, mc))
 
